@@ -1,0 +1,40 @@
+# Muster's developer entry points. `make test` works on a fresh Debian 12 machine:
+# it installs what it needs, starts the real test services, runs the suite, stops them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SERVICES := $(BIN)/python -m tests.services
+
+.PHONY: deps system-deps services-deps test lint services services-stop clean
+
+deps: system-deps services-deps $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	@tests/services/install-system.sh
+
+services-deps:
+	@tests/services/install-venvs.sh
+
+## Start RabbitMQ, the MongoDB-protocol server and Swift on 127.0.0.1; prints `export` lines.
+services: deps
+	@$(SERVICES) start
+
+services-stop:
+	@$(SERVICES) stop
+
+## The whole suite against real services, which are stopped again even on failure.
+test: deps
+	$(SERVICES) run -- $(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean: services-stop
+	rm -rf $(VENV) .services

@@ -1,0 +1,43 @@
+"""JSON bytes in and out. The only place that turns wire bytes into models."""
+
+import json
+
+from pydantic import TypeAdapter, ValidationError
+
+from broker.errors import InvalidMessage
+from broker.messages import AnyMessage, Message
+
+CONTENT_TYPE = "application/json"
+# A plan for a node with many jobs is a few KiB; anything near this is an attack or a bug.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+_any_message: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def parse_json(body: bytes) -> dict:
+    """Decode a body to a JSON object, refusing oversized and non-object payloads."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidMessage(f"message is not UTF-8 JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"message is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def validate(data: dict) -> AnyMessage:
+    try:
+        return _any_message.validate_python(data)
+    except ValidationError as error:
+        what = f"{data.get('type', 'untyped')} message"
+        raise InvalidMessage.from_validation(what, error) from None
+
+
+def decode(body: bytes) -> AnyMessage:
+    return validate(parse_json(body))

@@ -1,0 +1,134 @@
+"""kombu connections, publishing and safe consuming, the same for every process.
+
+Every publish waits for the broker's confirm, so "published" means "stored by RabbitMQ".
+Every consumer goes through `ContractConsumer`, so a malformed message is dead-lettered
+with its reason instead of crashing a process or looping forever.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from kombu import Connection, Producer, Queue
+from kombu.message import Message as Delivery
+from kombu.mixins import ConsumerMixin
+
+from broker.codec import CONTENT_TYPE, decode, encode
+from broker.errors import InvalidMessage
+from broker.messages import AnyMessage, Message
+from broker.topology import DEAD, EVENTS, PERSISTENT_TYPES, PLANS, routing_key
+
+log = logging.getLogger(__name__)
+
+# Back off 0.5 s, 1.5 s, 2.5 s ... up to 10 s between attempts.
+RETRY_POLICY: dict[str, Any] = {
+    "interval_start": 0.5,
+    "interval_step": 1,
+    "interval_max": 10,
+    "max_retries": 5,
+}
+REASON_HEADER = "x-muster-reason"
+QUEUE_HEADER = "x-muster-queue"
+
+
+def connect(urls: Sequence[str], heartbeat: int = 20, connect_timeout: float = 10) -> Connection:
+    """A lazy connection that fails over round-robin across the given broker URLs."""
+    return Connection(
+        ";".join(urls),
+        heartbeat=heartbeat,
+        connect_timeout=connect_timeout,
+        failover_strategy="round-robin",
+        transport_options={"confirm_publish": True, **RETRY_POLICY},
+    )
+
+
+class Publisher:
+    """Publishes contract messages with confirms, persistence and retries."""
+
+    def __init__(self, channel: Any, retry_policy: dict[str, Any] | None = None):
+        self._producer = Producer(channel)
+        self._retry_policy = retry_policy or RETRY_POLICY
+
+    def publish(self, message: Message) -> None:
+        exchange = PLANS if message.type == "plan" else EVENTS
+        self._send(
+            encode(message),
+            exchange=exchange.name,
+            routing_key=routing_key(message),
+            message_id=message.id,
+            type=message.type,
+            delivery_mode=2 if message.type in PERSISTENT_TYPES else 1,
+        )
+
+    def dead_letter(self, delivery: Delivery, reason: str, queue: str) -> None:
+        """Park a message we cannot process, with the reason an operator needs."""
+        headers = dict(delivery.headers or {})
+        headers.update({REASON_HEADER: reason[:2000], QUEUE_HEADER: queue})
+        self._send(
+            delivery.body,
+            exchange=DEAD.name,
+            routing_key=delivery.delivery_info.get("routing_key", ""),
+            headers=headers,
+            delivery_mode=2,
+        )
+
+    def _send(self, body: bytes, **options: Any) -> None:
+        self._producer.publish(
+            body,
+            content_type=CONTENT_TYPE,
+            content_encoding="utf-8",
+            retry=True,
+            retry_policy=self._retry_policy,
+            **options,
+        )
+
+
+Handler = Callable[[AnyMessage], None]
+
+
+class ContractConsumer(ConsumerMixin):
+    """Consumes contract messages from queues, reconnecting on its own (kombu's mixin).
+
+    The handler gets decoded models. A message that fails validation goes to the dead
+    letter queue with the reason and is acknowledged; the consumer keeps going. A handler
+    exception requeues the message (quorum queues dead-letter it after a few tries).
+    """
+
+    def __init__(
+        self, connection: Connection, queues: Sequence[Queue], handler: Handler, prefetch: int = 50
+    ) -> None:
+        self.connection = connection
+        self._queues = list(queues)
+        self._handler = handler
+        self._prefetch = prefetch
+        self._publisher: Publisher | None = None
+
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
+        # Dead letters go out on the consuming channel, which kombu re-creates on reconnect.
+        self._publisher = Publisher(channel)
+        return [
+            consumer_cls(
+                queues=[queue],
+                on_message=partial(self._on_message, queue.name),
+                prefetch_count=self._prefetch,
+            )
+            for queue in self._queues
+        ]
+
+    def _on_message(self, queue: str, delivery: Delivery) -> None:
+        try:
+            message = decode(delivery.body)
+        except InvalidMessage as error:
+            log.warning("dead-lettering a message from %s: %s", queue, error)
+            assert self._publisher is not None
+            self._publisher.dead_letter(delivery, str(error), queue)
+            delivery.ack()
+            return
+        try:
+            self._handler(message)
+        except Exception:
+            log.exception("handler failed on %s message %s; requeued", message.type, message.id)
+            delivery.requeue()
+            return
+        delivery.ack()
