@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates the servers' own virtualenvs under .services/ (git-ignored): SecantusDB pins its own
+# pymongo and Swift brings eventlet & co, so neither may share the project's .venv.
+# A marker file per venv records the pinned requirement, so a second run is instant and a
+# changed pin rebuilds that venv.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+SERVICES_DIR="$ROOT/.services"
+PYTHON=${PYTHON:-python3}
+
+make_venv() {
+    local name=$1 requirement=$2
+    local venv="$SERVICES_DIR/venv-$name"
+    local marker="$venv/.installed"
+    if [[ -f "$marker" && "$(cat "$marker")" == "$requirement" ]]; then
+        return 0
+    fi
+    echo "install-venvs: building $venv ($requirement)" >&2
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "$requirement" >&2
+    printf '%s' "$requirement" >"$marker"
+}
+
+mkdir -p "$SERVICES_DIR"
+make_venv secantus "SecantusDB==0.7.0b3" &
+secantus=$!
+make_venv swift "swift==2.38.3" &
+swift=$!
+wait "$secantus"
+wait "$swift"
