@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.config import MusterSettings
-from broker.connection import QUEUE_HEADER, REASON_HEADER, connect
+from broker.connection import QUEUE_HEADER, REASON_HEADER, body_bytes, connect
 from broker.signing import generate_signing_key, key_id, public_pem
 from broker.topology import DEAD_QUEUE, declare
 
@@ -84,7 +84,7 @@ def peek(connection: Any, limit: int) -> list[dict[str, str]]:
                     "queue": str(headers.get(QUEUE_HEADER, "")),
                     "routing_key": delivery.delivery_info.get("routing_key", ""),
                     "reason": str(headers.get(REASON_HEADER, "")),
-                    "body": delivery.body[:500].decode("utf-8", "replace"),
+                    "body": body_bytes(delivery)[:500].decode("utf-8", "replace"),
                 }
             )
     return letters

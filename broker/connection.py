@@ -62,11 +62,14 @@ class Publisher:
         )
 
     def dead_letter(self, delivery: Delivery, reason: str, queue: str) -> None:
-        """Park a message we cannot process, with the reason an operator needs."""
+        """Park a message we cannot process, byte for byte, with the reason an operator
+        needs. It may not even be text, so it travels as binary."""
         headers = dict(delivery.headers or {})
         headers.update({REASON_HEADER: reason[:2000], QUEUE_HEADER: queue})
         self._send(
-            delivery.body,
+            body_bytes(delivery),
+            content_type=delivery.content_type or "application/octet-stream",
+            content_encoding="binary",
             exchange=DEAD.name,
             routing_key=delivery.delivery_info.get("routing_key", ""),
             headers=headers,
@@ -74,14 +77,14 @@ class Publisher:
         )
 
     def _send(self, body: bytes, **options: Any) -> None:
-        self._producer.publish(
-            body,
-            content_type=CONTENT_TYPE,
-            content_encoding="utf-8",
-            retry=True,
-            retry_policy=self._retry_policy,
-            **options,
-        )
+        options = {"content_type": CONTENT_TYPE, "content_encoding": "utf-8", **options}
+        self._producer.publish(body, retry=True, retry_policy=self._retry_policy, **options)
+
+
+def body_bytes(delivery: Delivery) -> bytes:
+    """The body as sent: py-amqp hands over text when a sender set a content encoding."""
+    body = delivery.body
+    return body.encode(delivery.content_encoding or "utf-8") if isinstance(body, str) else body
 
 
 Handler = Callable[[AnyMessage], None]
@@ -118,7 +121,7 @@ class ContractConsumer(ConsumerMixin):
 
     def _on_message(self, queue: str, delivery: Delivery) -> None:
         try:
-            message = decode(delivery.body)
+            message = decode(body_bytes(delivery))
         except InvalidMessage as error:
             log.warning("dead-lettering a message from %s: %s", queue, error)
             assert self._publisher is not None

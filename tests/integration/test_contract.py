@@ -1,0 +1,204 @@
+"""The wire contract against a real RabbitMQ, read back by Muster and by pika."""
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pika
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kombu import Connection, Queue
+
+from broker.cli import broker_group
+from broker.codec import decode, encode
+from broker.connection import REASON_HEADER, ContractConsumer, Publisher, body_bytes, connect
+from broker.errors import SignatureError
+from broker.messages import Keepalive
+from broker.signing import TrustedKeys, sign_plan, verify_plan
+from broker.topology import (
+    DEAD_QUEUE,
+    EVENTS,
+    PLANS,
+    REPORTER_QUEUE,
+    RULEENGINE_QUEUE,
+    declare,
+    plan_queue,
+    tail_queue,
+)
+from tests.examples import every_message, plan
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def connection(amqp_url: str) -> Iterator[Connection]:
+    """A connection on a freshly declared topology with empty shared queues."""
+    with connect([amqp_url]) as conn:
+        declare(conn)
+        channel = conn.default_channel
+        for queue in (DEAD_QUEUE, RULEENGINE_QUEUE, REPORTER_QUEUE):
+            queue(channel).purge()
+        yield conn
+
+
+def drain(connection: Connection, queue: Queue, expected: int, timeout: float = 10) -> list:
+    """Take `expected` messages off `queue`, waiting up to `timeout` seconds."""
+    deadline, received = time.monotonic() + timeout, []
+    with connection.channel() as channel:
+        bound = queue(channel)
+        while len(received) < expected and time.monotonic() < deadline:
+            delivery = bound.get(no_ack=True)
+            if delivery is None:
+                time.sleep(0.05)
+            else:
+                received.append(delivery)
+    return received
+
+
+def pika_channel(amqp_url: str):
+    """pika reads the vhost from the path and wants "/" spelt %2F."""
+    url = amqp_url.rstrip("/") + "/%2F"
+    return pika.BlockingConnection(pika.URLParameters(url)).channel()
+
+
+def test_every_message_type_round_trips_through_the_broker(connection):
+    messages = every_message("web1")
+    tail = tail_queue()
+    tail(connection.default_channel).declare()
+    node_queue = plan_queue("web1")
+    node_queue(connection.default_channel).declare()
+
+    publisher = Publisher(connection)
+    for message in messages:
+        publisher.publish(message)
+
+    events = [decode(body_bytes(d)) for d in drain(connection, tail, len(messages) - 1)]
+    plans = [decode(body_bytes(d)) for d in drain(connection, node_queue, 1)]
+    sent = {m.id: m for m in messages}
+    assert sorted(m.type for m in events + plans) == sorted(m.type for m in messages)
+    for received in events + plans:
+        assert received.model_dump() == sent[received.id].model_dump()
+
+
+def test_an_independent_client_reads_a_result_event_as_plain_json(connection, amqp_url):
+    channel = pika_channel(amqp_url)
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, EVENTS.name, routing_key="run_result.#")
+
+    result = next(m for m in every_message("db7") if m.type == "run_result")
+    Publisher(connection).publish(result)
+
+    for _ in range(100):
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method:
+            break
+        time.sleep(0.05)
+    assert method is not None, "pika never saw the result event"
+    assert method.routing_key == "run_result.db7"
+    assert properties.content_type == "application/json"
+    assert properties.message_id == result.id
+    assert properties.delivery_mode == 2
+    document = json.loads(body)
+    assert document["type"] == "run_result"
+    assert document["node"] == "db7"
+    assert document["status"] == "success"
+    assert document["stats"]["files"] == 120
+    channel.connection.close()
+
+
+def test_malformed_messages_are_dead_lettered_with_a_reason_and_consumption_goes_on(
+    connection, amqp_url
+):
+    handled = []
+    consumer = ContractConsumer(connection.clone(), [RULEENGINE_QUEUE], handled.append)
+    worker = threading.Thread(target=consumer.run, daemon=True)
+    worker.start()
+    try:
+        raw = pika_channel(amqp_url)
+        junk = [
+            b"{not json",
+            b'{"type": "keepalive", "node": "db1", "uptime": "forever"}',
+            json.dumps(
+                {"type": "keepalive", "node": "db1", "uptime": 1, "pad": "x" * 2**20}
+            ).encode(),
+        ]
+        for body in junk:
+            raw.basic_publish(EVENTS.name, "keepalive.db1", body)
+        good = Keepalive(node="db1", uptime=5)
+        Publisher(connection).publish(good)
+        deadline = time.monotonic() + 10
+        while not handled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raw.connection.close()
+    finally:
+        consumer.should_stop = True
+        worker.join(timeout=10)
+
+    assert [m.id for m in handled] == [good.id]
+    letters = drain(connection, DEAD_QUEUE, len(junk))
+    reasons = {body_bytes(d): d.headers[REASON_HEADER] for d in letters}
+    assert sorted(reasons) == sorted(junk)
+    assert "not UTF-8 JSON" in reasons[junk[0]]
+    assert "keepalive.uptime" in reasons[junk[1]]
+    assert "exceeds" in reasons[junk[2]]
+    assert all(d.headers["x-muster-queue"] == RULEENGINE_QUEUE.name for d in letters)
+
+
+def test_dead_letters_command_shows_the_reason_without_consuming(connection, amqp_url):
+    raw = pika_channel(amqp_url)
+    raw.basic_publish(EVENTS.name, "announce.x", b'{"type": "announce"}')
+    raw.connection.close()
+    consumer = ContractConsumer(connection.clone(), [RULEENGINE_QUEUE], lambda m: None)
+    worker = threading.Thread(target=consumer.run, daemon=True)
+    worker.start()
+    time.sleep(1)
+    consumer.should_stop = True
+    worker.join(timeout=10)
+
+    runner = CliRunner()
+    for _ in range(2):  # peeking twice shows the same letter: nothing was consumed
+        output = runner.invoke(broker_group, ["dead-letters", "--json", "--broker-url", amqp_url])
+        assert output.exit_code == 0, output.output
+        letters = [json.loads(line) for line in output.output.splitlines()]
+        assert len(letters) == 1
+        assert "announce.node: Field required" in letters[0]["reason"]
+
+
+def test_a_node_queue_receives_only_its_own_plans(connection):
+    key = Ed25519PrivateKey.generate()
+    nodes = ["web1", "web2", "db1.example.org"]
+    for node in nodes:
+        plan_queue(node)(connection.default_channel).declare()
+    publisher = Publisher(connection)
+    for node in nodes:
+        publisher.publish(sign_plan(plan(node), key))
+
+    for node in nodes:
+        received = drain(connection, plan_queue(node), 2, timeout=1.5)
+        assert [decode(body_bytes(d)).plan.node for d in received] == [node]
+
+
+def test_a_node_queue_keeps_only_the_newest_plan(connection):
+    key = Ed25519PrivateKey.generate()
+    plan_queue("web3")(connection.default_channel).declare()
+    publisher = Publisher(connection)
+    first, second = sign_plan(plan("web3"), key), sign_plan(plan("web3"), key)
+    publisher.publish(first)
+    publisher.publish(second)
+    assert [decode(body_bytes(d)).id for d in drain(connection, plan_queue("web3"), 2, 1.5)] == [
+        second.id
+    ]
+
+
+def test_a_plan_signed_with_another_key_is_rejected_by_the_node(connection, amqp_url):
+    trusted_key, rogue_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    plan_queue("web4")(connection.default_channel).declare()
+    raw = pika_channel(amqp_url)
+    raw.basic_publish(PLANS.name, "web4", encode(sign_plan(plan("web4"), rogue_key)))
+    raw.connection.close()
+
+    (delivery,) = drain(connection, plan_queue("web4"), 1)
+    with pytest.raises(SignatureError, match="unknown key"):
+        verify_plan(decode(body_bytes(delivery)), TrustedKeys([trusted_key.public_key()]), "web4")
