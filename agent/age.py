@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NoReturn, Protocol
+from typing import NoReturn, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -40,6 +40,7 @@ __all__ = [
     "CHUNK_OVERHEAD",
     "CHUNK_SIZE",
     "ENCRYPTED_CHUNK_SIZE",
+    "NONCE_SIZE",
     "AgeError",
     "Decryptor",
     "Encryptor",
@@ -632,6 +633,10 @@ class _Writable(Protocol):
     def write(self, data: bytes, /) -> int | None: ...
 
 
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
 class Encryptor:
     """A writable binary file that encrypts to `recipients` into `sink` as data arrives.
 
@@ -764,7 +769,7 @@ class Decryptor:
     file is truncated, altered, lacks its final chunk, or goes on after it.
     """
 
-    def __init__(self, source: BinaryIO, identities: Sequence[Identity]) -> None:
+    def __init__(self, source: _Readable, identities: Sequence[Identity]) -> None:
         self._source = source
         head = bytearray()
         while True:
@@ -816,6 +821,8 @@ class Decryptor:
 
     def _available(self) -> int:
         """Bytes ready in the read buffer, decrypting the next chunk when it is empty."""
+        if self.closed:
+            raise ValueError("read from a closed Decryptor")
         while self._pos == len(self._plain):
             if self._error is not None:
                 raise self._error
@@ -877,7 +884,7 @@ class Decryptor:
         self.close()
 
 
-def _read_into(source: BinaryIO, view: memoryview) -> int:
+def _read_into(source: _Readable, view: memoryview) -> int:
     """Fill `view` from `source` as far as it goes before end of file."""
     readinto = getattr(source, "readinto", None)
     got = 0
