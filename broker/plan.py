@@ -124,7 +124,7 @@ class Job(ContractModel):
     name: JobName
     storage: StorageTarget
     sources: Sources
-    schedule: Schedule
+    schedule: Schedule | None = Field(default=None, description="unset: run only on demand")
     retention: Retention = Retention()
     full_every: int = Field(default=7, ge=1, description="every Nth snapshot is a full one")
     compression_level: int = Field(default=3, ge=1, le=19)

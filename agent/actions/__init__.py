@@ -1,0 +1,1 @@
+"""One module per user-facing action (backup, restore, verify, ...), like borgmatic's."""

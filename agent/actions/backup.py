@@ -1,0 +1,366 @@
+"""`muster backup`: one snapshot of a job, full or incremental, in one streaming pass.
+
+The walk is merged against the previous catalog (read from the local cache, or from
+storage when the cache is gone): an entry whose size, times, inode and mode are unchanged
+keeps its earlier location and its data is not read at all. Everything else is read once,
+hashed and appended to the current volume. The snapshot record is written last.
+"""
+
+import contextlib
+import grp
+import os
+import pwd
+import stat
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import BinaryIO
+
+import zstandard
+
+from agent import age
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_entries
+from agent.repository import Repository
+from agent.state import CatalogCache
+from agent.tarheader import DIRECTORY as TAR_DIRECTORY
+from agent.tarheader import HARDLINK as TAR_HARDLINK
+from agent.tarheader import REGULAR, member_header
+from agent.tarheader import SYMLINK as TAR_SYMLINK
+from agent.volumes import HashingSink, VolumeWriter, open_for_reading
+from agent.walk import Found, Walk
+from broker.plan import Job
+from broker.snapshot import (
+    ObjectInfo,
+    SnapshotRecord,
+    SnapshotStats,
+    catalog_name,
+    new_snapshot_id,
+)
+from broker.types import utcnow
+
+Progress = Callable[[int, int], None]  # (files done, bytes done)
+
+
+@dataclass
+class BackupOutcome:
+    record: SnapshotRecord
+    warnings: list[str] = field(default_factory=list)
+
+
+def recipients_for(job: Job, identity: age.Identity) -> list[age.Recipient]:
+    """The node's own key first, then every escrow holder of the plan."""
+    found = [identity.recipient]
+    for text in job.recipients:
+        recipient = age.Recipient.parse(text)
+        if recipient not in found:
+            found.append(recipient)
+    return found
+
+
+def run_backup(
+    job: Job,
+    repo: Repository,
+    identity: age.Identity,
+    cache: CatalogCache,
+    agent_version: str,
+    progress: Progress | None = None,
+) -> BackupOutcome:
+    for leftover in repo.leftovers():  # an interrupted run's objects: never visible, now gone
+        repo.delete(leftover)
+    history = repo.snapshots()
+    parent = history[-1] if history else None
+    full = parent is None or parent.chain + 1 >= job.full_every
+    started = utcnow()
+    snapshot_id = new_snapshot_id(started)
+    recipients = recipients_for(job, identity)
+    run = _Run(job, repo, snapshot_id, recipients, cache, progress)
+    with contextlib.ExitStack() as stack:
+        previous = iter(()) if full else _previous_entries(repo, parent, cache, identity, stack)
+        catalog = run.execute(previous)
+    record = SnapshotRecord(
+        id=snapshot_id,
+        node=repo.node,
+        job=repo.job,
+        started=started,
+        finished=utcnow(),
+        full=full,
+        parent=parent.id if parent else None,
+        chain=0 if full or parent is None else parent.chain + 1,
+        paths=list(job.sources.paths),
+        catalog=catalog,
+        volumes=run.volumes.finished,
+        references=sorted(run.referenced - {v.name for v in run.volumes.finished}),
+        recipients=[str(r) for r in recipients],
+        stats=SnapshotStats(
+            **run.tally, bytes_stored=catalog.size + sum(v.size for v in run.volumes.finished)
+        ),
+        agent_version=agent_version,
+    )
+    repo.commit(record)
+    cache.commit(snapshot_id)
+    return BackupOutcome(record, run.warnings)
+
+
+def _previous_entries(
+    repo: Repository,
+    parent: SnapshotRecord,
+    cache: CatalogCache,
+    identity: age.Identity,
+    stack: contextlib.ExitStack,
+) -> Iterator[Entry]:
+    cached = cache.path(parent.id)
+    if cached is not None:
+        return read_entries(stack.enter_context(cached.open("rb")))
+    encrypted = stack.enter_context(repo.get(catalog_name(parent.id)))
+    return read_entries(stack.enter_context(age.Decryptor(encrypted, [identity])))
+
+
+class _Previous:
+    """The previous catalog as a stream, advanced in step with the walk."""
+
+    def __init__(self, entries: Iterator[Entry]) -> None:
+        self._entries = entries
+        self._next = next(entries, None)
+
+    def find(self, key: bytes) -> Entry | None:
+        while self._next is not None and self._next.key < key:
+            self._next = next(self._entries, None)
+        return self._next if self._next is not None and self._next.key == key else None
+
+
+class _Catalog:
+    """The catalog being written: age-encrypted to storage and plain to the local cache."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        snapshot_id: str,
+        recipients: list[age.Recipient],
+        cache: CatalogCache,
+    ) -> None:
+        self._stack = contextlib.ExitStack()
+        self._name = catalog_name(snapshot_id)
+        self._sink = HashingSink(self._stack.enter_context(repo.open_writer(self._name)))
+        self._encryptor = age.Encryptor(self._sink, recipients)
+        self._local = self._stack.enter_context(cache.open_temp(snapshot_id))
+        self._zstd = zstandard.ZstdCompressor(level=3).stream_writer(
+            _Tee(self._encryptor, self._local), closefd=False
+        )
+
+    def write(self, entry: Entry) -> None:
+        self._zstd.write(encode_line(entry))
+
+    def close(self) -> ObjectInfo:
+        self._zstd.close()
+        self._encryptor.close()
+        self._local.flush()
+        os.fsync(self._local.fileno())
+        self._stack.close()
+        return ObjectInfo(
+            name=self._name, size=self._sink.size, sha256=self._sink.sha256.hexdigest()
+        )
+
+    def abort(self, error: BaseException) -> None:
+        self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+class _Tee:
+    def __init__(self, *sinks: BinaryIO | age.Encryptor) -> None:
+        self._sinks = sinks
+
+    def write(self, data: bytes) -> int:
+        for sink in self._sinks:
+            sink.write(data)
+        return len(data)
+
+
+class _Run:
+    """The state of one backup run: the walk, the volumes, the catalog and the tallies."""
+
+    def __init__(
+        self,
+        job: Job,
+        repo: Repository,
+        snapshot_id: str,
+        recipients: list[age.Recipient],
+        cache: CatalogCache,
+        progress: Progress | None,
+    ) -> None:
+        self.job = job
+        self.repo = repo
+        self.snapshot_id = snapshot_id
+        self.recipients = recipients
+        self.cache = cache
+        self.progress = progress
+        self.tally: Counter[str] = Counter()  # becomes the record's SnapshotStats
+        self.warnings: list[str] = []
+        self.referenced: set[str] = set()
+        self.volumes: VolumeWriter
+        self._ordered: deque[Entry] = deque()
+        self._links: dict[tuple[int, int], tuple[Entry, int]] = {}
+        self._files_done = 0
+        self._bytes_done = 0
+
+    def execute(self, previous: Iterator[Entry]) -> ObjectInfo:
+        sources = self.job.sources
+        walk = Walk(sources.paths, sources.excludes, sources.one_file_system)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool:
+            self.volumes = VolumeWriter(
+                self.repo.open_writer,
+                self.snapshot_id,
+                self.recipients,
+                level=self.job.compression_level,
+                target_size=self.job.volume_size,
+                pool=pool,
+            )
+            catalog = _Catalog(self.repo, self.snapshot_id, self.recipients, self.cache)
+            try:
+                self._walk(walk, _Previous(previous), catalog)
+                info = catalog.close()
+            except BaseException as error:
+                self.volumes.abort(error)
+                catalog.abort(error)
+                self.cache.discard(self.snapshot_id)
+                raise
+        self.warnings[:0] = walk.warnings
+        return info
+
+    def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
+        for found in walk:
+            entry = _entry(found)
+            before = previous.find(entry.key)
+            if before is not None and before.location and entry.unchanged_since(before):
+                entry.sha256, entry.location = before.sha256, before.location
+                change = "unchanged"
+            elif self._store(entry, found):
+                change = "new" if before is None else "changed"
+            else:
+                continue
+            self._count(entry, change)
+            self._ordered.append(entry)
+            self._emit_located(catalog)
+        self.volumes.finish_volume()
+        self._emit_located(catalog)
+
+    def _emit_located(self, catalog: _Catalog) -> None:
+        """Catalog lines leave in walk order, each once its member has a location."""
+        while self._ordered and self._ordered[0].location is not None:
+            entry = self._ordered.popleft()
+            self.referenced.add(entry.location.volume)  # type: ignore[union-attr]
+            catalog.write(entry)
+
+    def _count(self, entry: Entry, change: str) -> None:
+        if entry.type == DIRECTORY:
+            self.tally["directories"] += 1
+        elif entry.type in (FILE, HARDLINK):
+            self.tally.update({"files": 1, "bytes": entry.size, f"files_{change}": 1})
+        self._files_done += 1
+        if self.progress:
+            self.progress(self._files_done, self._bytes_done)
+
+    def _store(self, entry: Entry, found: Found) -> bool:
+        """Append the entry's member to the current volume; False if it cannot be read."""
+        name = _member_name(entry)
+        owner = {
+            "mode": entry.mode,
+            "uid": entry.uid,
+            "gid": entry.gid,
+            "mtime": entry.mtime_ns // 10**9,
+            "uname": entry.user,
+            "gname": entry.group,
+        }
+        if entry.type == DIRECTORY:
+            self.volumes.add(entry, member_header(name + b"/", TAR_DIRECTORY, **owner))
+        elif entry.type == SYMLINK:
+            try:
+                entry.link = os.readlink(entry.path)
+            except OSError as error:
+                return self._warn(f"{entry.path}: cannot read link: {error.strerror}")
+            link = entry.link.encode("utf-8", "surrogateescape")
+            self.volumes.add(entry, member_header(name, TAR_SYMLINK, linkname=link, **owner))
+        elif not self._store_hardlink(entry, found, name, owner):
+            return self._store_file(entry, found, name, owner)
+        return True
+
+    def _store_hardlink(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
+        """A second name of a file already in this volume becomes a tar hardlink member."""
+        if found.stat.st_nlink < 2:
+            return False
+        first = self._links.get((found.stat.st_dev, found.stat.st_ino))
+        in_this_volume = first is not None and first[1] == self.volumes.volume_number
+        if not in_this_volume or self.volumes.is_full or first[0].sha256 is None:
+            return False
+        target = first[0]
+        entry.type, entry.link, entry.sha256 = HARDLINK, target.path, target.sha256
+        header = member_header(name, TAR_HARDLINK, linkname=_member_name(target), **owner)
+        self.volumes.add(entry, header)
+        return True
+
+    def _store_file(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
+        try:
+            stream = open_for_reading(entry.path)
+        except FileNotFoundError:
+            return self._warn(f"{entry.path}: vanished before it could be read")
+        except OSError as error:
+            return self._warn(f"{entry.path}: not backed up: {error.strerror}")
+        with stream:
+            header = member_header(name, REGULAR, size=entry.size, **owner)
+            self.warnings += self.volumes.add(entry, header, stream)
+            after = os.fstat(stream.fileno())
+        if (after.st_size, after.st_mtime_ns) != (entry.size, entry.mtime_ns):
+            self.warnings.append(f"{entry.path}: changed while being read")
+        if found.stat.st_nlink > 1:
+            self._links[(found.stat.st_dev, found.stat.st_ino)] = (
+                entry,
+                self.volumes.volume_number,
+            )
+        self.tally["bytes_new"] += entry.size
+        self._bytes_done += entry.size
+        return True
+
+    def _warn(self, message: str) -> bool:
+        self.warnings.append(message)
+        return False
+
+
+def _entry(found: Found) -> Entry:
+    info = found.stat
+    kind = (
+        DIRECTORY if stat.S_ISDIR(info.st_mode) else SYMLINK if stat.S_ISLNK(info.st_mode) else FILE
+    )
+    return Entry(
+        path=found.path,
+        type=kind,
+        mode=stat.S_IMODE(info.st_mode),
+        uid=info.st_uid,
+        gid=info.st_gid,
+        user=_user(info.st_uid),
+        group=_group(info.st_gid),
+        mtime_ns=info.st_mtime_ns,
+        ctime_ns=info.st_ctime_ns,
+        inode=info.st_ino,
+        size=info.st_size if kind == FILE else 0,
+    )
+
+
+def _member_name(entry: Entry) -> bytes:
+    """Relative names, as GNU tar writes them: extraction lands under the current dir."""
+    return entry.path.lstrip("/").encode("utf-8", "surrogateescape") or b"."
+
+
+@lru_cache(maxsize=1024)
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+@lru_cache(maxsize=1024)
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return ""

@@ -1,0 +1,113 @@
+"""Catalog entries: one JSON object per line, sorted by path, for every entry of a snapshot.
+
+The catalog is how Muster finds one file without reading volumes, and how an incremental
+backup knows what changed without reading file data. Lines are plain JSON (UTF-8, names
+unescaped) so that a decrypted catalog is greppable; a name that is not valid UTF-8 keeps
+its raw bytes in the line (decode lines with `surrogateescape`).
+
+Order is by path *components*: "/a/b" sorts before "/a.b", as a depth-first walk with
+sorted directories produces them, so catalogs can be merged as streams.
+"""
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import BinaryIO
+
+import zstandard
+
+FILE, DIRECTORY, SYMLINK, HARDLINK = "file", "dir", "symlink", "hardlink"
+
+
+@dataclass(slots=True)
+class Location:
+    """Where an entry's tar member lives: volume, the zstd frame holding its header
+    (`frame`: offset in the decrypted stream; `chunk`: offset of the age chunk holding
+    that byte), `skip` bytes into the decompressed frame, and `span` compressed bytes
+    from `frame` to the end of the last frame holding the member."""
+
+    volume: str
+    frame: int
+    chunk: int
+    skip: int
+    span: int
+
+
+@dataclass(slots=True)
+class Entry:
+    path: str
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    user: str
+    group: str
+    mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+    size: int = 0
+    link: str | None = None
+    sha256: str | None = None
+    location: Location | None = None
+
+    @property
+    def key(self) -> bytes:
+        return sort_key(self.path)
+
+    def unchanged_since(self, previous: "Entry") -> bool:
+        """GNU tar's and restic's test: same size, times, inode and mode means same data."""
+        return (
+            self.type == previous.type
+            and self.size == previous.size
+            and self.mtime_ns == previous.mtime_ns
+            and self.ctime_ns == previous.ctime_ns
+            and self.inode == previous.inode
+            and self.mode == previous.mode
+            and self.link == previous.link
+        )
+
+
+def sort_key(path: str) -> bytes:
+    """Component order: the separator sorts before every byte a name can hold."""
+    return path.encode("utf-8", "surrogateescape").replace(b"/", b"\0")
+
+
+_LOCATION_FIELDS = [f.name for f in fields(Location)]
+
+
+def encode_line(entry: Entry) -> bytes:
+    data = asdict(entry)
+    location = data.pop("location")
+    data["mode"] = f"{entry.mode:04o}"
+    data = {key: value for key, value in data.items() if value is not None}
+    if location:
+        data.update(location)
+    return json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def decode_line(line: bytes) -> Entry:
+    data = json.loads(line.decode("utf-8", "surrogateescape"))
+    location = None
+    if "volume" in data:
+        location = Location(**{name: data.pop(name) for name in _LOCATION_FIELDS})
+    data["mode"] = int(data["mode"], 8)
+    return Entry(**data, location=location)
+
+
+def read_entries(compressed: BinaryIO) -> Iterator[Entry]:
+    """Stream entries from zstd-compressed catalog lines, one line in memory at a time."""
+    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    for line in io.BufferedReader(reader, 1 << 16):  # type: ignore[arg-type]
+        yield decode_line(line)
+
+
+def write_entries(entries: Iterable[Entry], sink: BinaryIO, level: int = 3) -> int:
+    """Compress catalog lines into `sink`; returns how many entries were written."""
+    count = 0
+    compressor = zstandard.ZstdCompressor(level=level)
+    with compressor.stream_writer(sink, closefd=False) as writer:
+        for entry in entries:
+            writer.write(encode_line(entry))
+            count += 1
+    return count

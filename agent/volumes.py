@@ -1,0 +1,261 @@
+"""Writes a snapshot's volumes: tar members into zstd frames into age into storage.
+
+One pass, nothing staged on disk. The tar stream is cut into independent zstd frames, a
+new frame at the first member boundary past `FRAME_TARGET` bytes (and inside members
+every `FRAME_MAX` bytes), so that one file can later be restored by fetching only the age
+chunks that hold its frames. Frames are compressed on a thread pool while the next one
+fills; at most `IN_FLIGHT` frames are held, so memory does not grow with the data.
+"""
+
+import contextlib
+import hashlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import zstandard
+
+from agent import age
+from agent.catalog import Entry, Location
+from agent.tarheader import END_OF_ARCHIVE, padding
+from broker.snapshot import VolumeInfo, volume_name
+
+FRAME_TARGET = 1 << 20
+FRAME_MAX = 4 << 20
+IN_FLIGHT = 4
+READ_SIZE = 1 << 20
+
+OpenWriter = Callable[[str], AbstractContextManager[BinaryIO]]
+
+
+class HashingSink:
+    """Counts and hashes the ciphertext on its way to storage."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self._sink = sink
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._sink.write(data) or len(data)
+
+
+@dataclass
+class _Pending:
+    """A member whose location waits for its frames to be compressed and written."""
+
+    entry: Entry
+    first_frame: int
+    skip: int
+    last_frame: int
+
+
+@dataclass
+class _Volume:
+    name: str
+    stack: contextlib.ExitStack
+    sink: HashingSink
+    encryptor: age.Encryptor
+    tar_bytes: int = 0
+    members: int = 0
+    position: int = 0  # bytes of zstd output written so far: offsets in the decrypted stream
+    frame_starts: dict[int, int] = field(default_factory=dict)
+
+
+class _Compressors(threading.local):
+    def get(self, level: int) -> zstandard.ZstdCompressor:
+        if getattr(self, "level", None) != level:
+            self.level = level
+            self.compressor = zstandard.ZstdCompressor(level=level)
+        return self.compressor
+
+
+_compressors = _Compressors()
+
+
+def _compress(level: int, data: bytearray) -> bytes:
+    return _compressors.get(level).compress(data)
+
+
+class VolumeWriter:
+    """Adds members to the current volume and rotates volumes at the target size.
+
+    An entry's `location` is filled in once the frames holding it are written; callers
+    check `entry.location` (see `located`) to emit catalog lines in order.
+    """
+
+    def __init__(
+        self,
+        open_writer: OpenWriter,
+        snapshot_id: str,
+        recipients: Iterable[age.Recipient],
+        *,
+        level: int,
+        target_size: int,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self._open_writer = open_writer
+        self._snapshot_id = snapshot_id
+        self._recipients = list(recipients)
+        self._level = level
+        self._target = target_size
+        self._pool = pool
+        self._volume: _Volume | None = None
+        self._number = 0
+        self._frame = bytearray()
+        self._frame_index = 0
+        self._in_flight: deque[tuple[int, Future[bytes]]] = deque()
+        self._pending: deque[_Pending] = deque()
+        self.finished: list[VolumeInfo] = []
+
+    @property
+    def volume_number(self) -> int:
+        """The number of the open volume, 0 when none is open."""
+        return self._number if self._volume is not None else 0
+
+    @property
+    def is_full(self) -> bool:
+        """True when the next member starts a new volume."""
+        return self._volume is not None and self._volume.tar_bytes >= self._target
+
+    # -- members -------------------------------------------------------------------------
+
+    def add(self, entry: Entry, header: bytes, content: BinaryIO | None = None) -> list[str]:
+        """Write one member (header, then `entry.size` bytes from `content`); returns
+        warnings about the file changing while it was read."""
+        self._rotate_before(entry.size)
+        volume = self._current()
+        if len(self._frame) >= FRAME_TARGET:
+            self._cut_frame()
+        first_frame, skip = self._frame_index, len(self._frame)
+        self._frame += header
+        warnings = self._copy(entry, content) if content is not None else []
+        self._frame += padding(entry.size)
+        volume.tar_bytes += len(header) + entry.size + len(padding(entry.size))
+        volume.members += 1
+        self._pending.append(_Pending(entry, first_frame, skip, self._frame_index))
+        if entry.size > self._target:
+            self.finish_volume()  # a file bigger than the target has a volume of its own
+        return warnings
+
+    def _copy(self, entry: Entry, content: BinaryIO) -> list[str]:
+        digest, remaining = hashlib.sha256(), entry.size
+        while remaining:
+            chunk = content.read(min(READ_SIZE, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            self._frame += chunk
+            remaining -= len(chunk)
+            if len(self._frame) >= FRAME_MAX:
+                self._cut_frame()
+        warnings = []
+        if remaining:  # the file shrank under us: tar needs the declared size, as GNU tar does
+            self._frame += bytes(remaining)
+            warnings.append(f"{entry.path}: shrank while being read; padded with zeros")
+        entry.sha256 = digest.hexdigest() if not remaining else None
+        return warnings
+
+    def _rotate_before(self, size: int) -> None:
+        volume = self._volume
+        if volume is None or not volume.members:
+            return
+        if volume.tar_bytes >= self._target or size > self._target:
+            self.finish_volume()
+
+    # -- frames --------------------------------------------------------------------------
+
+    def _cut_frame(self) -> None:
+        if not self._frame:
+            return
+        data, self._frame = self._frame, bytearray()
+        self._in_flight.append((self._frame_index, self._pool.submit(_compress, self._level, data)))
+        self._frame_index += 1
+        while len(self._in_flight) > IN_FLIGHT:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        index, future = self._in_flight.popleft()
+        compressed = future.result()
+        volume = self._current()
+        volume.frame_starts[index] = volume.position
+        volume.encryptor.write(compressed)
+        volume.position += len(compressed)
+        self._locate(volume, written_through=index)
+
+    def _locate(self, volume: _Volume, written_through: int) -> None:
+        header_length = volume.encryptor.header_length
+        while self._pending and self._pending[0].last_frame <= written_through:
+            done = self._pending.popleft()
+            frame = volume.frame_starts[done.first_frame]
+            done.entry.location = Location(
+                volume=volume.name,
+                frame=frame,
+                chunk=age.ciphertext_offset(header_length, frame),
+                skip=done.skip,
+                span=volume.position - frame,
+            )
+        for index in [i for i in volume.frame_starts if i < self._first_needed_frame()]:
+            del volume.frame_starts[index]
+
+    def _first_needed_frame(self) -> int:
+        return self._pending[0].first_frame if self._pending else self._frame_index
+
+    # -- volumes -------------------------------------------------------------------------
+
+    def _current(self) -> _Volume:
+        if self._volume is None:
+            self._number += 1
+            name = volume_name(self._snapshot_id, self._number)
+            stack = contextlib.ExitStack()
+            sink = HashingSink(stack.enter_context(self._open_writer(name)))
+            self._volume = _Volume(name, stack, sink, age.Encryptor(sink, self._recipients))
+        return self._volume
+
+    def finish_volume(self) -> None:
+        """End the tar stream, flush every frame and commit the object to storage."""
+        volume = self._volume
+        if volume is None:
+            return
+        self._frame += END_OF_ARCHIVE
+        self._cut_frame()
+        while self._in_flight:
+            self._write_oldest()
+        volume.encryptor.close()
+        volume.stack.close()  # commits: the object becomes visible only now
+        self.finished.append(
+            VolumeInfo(
+                name=volume.name,
+                size=volume.sink.size,
+                sha256=volume.sink.sha256.hexdigest(),
+                header_length=volume.encryptor.header_length,
+                members=volume.members,
+            )
+        )
+        self._volume = None
+
+    def abort(self, error: BaseException) -> None:
+        """Discard the open volume: storage leaves no object behind for it."""
+        for _, future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        if self._volume is not None:
+            self._volume.stack.__exit__(type(error), error, error.__traceback__)
+            self._volume = None
+
+
+def open_for_reading(path: str) -> BinaryIO:
+    """Open without updating atime where the kernel lets us (owner or CAP_FOWNER)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
+    return os.fdopen(fd, "rb", buffering=0)
