@@ -228,8 +228,22 @@ class Storage(ABC):
 
     max_parts: int = 10_000  # a backend's limit on parts (segments) per object
 
-    def __init__(self, tuning: Tuning) -> None:
+    def __init__(self, tuning: Tuning, root: str) -> None:
         self.tuning = tuning
+        self.root = check_name(root) if root else ""  # the target's prefix
+
+    def _key(self, name: str) -> str:
+        """The full name of object `name` under the target's prefix (checked first)."""
+        check_name(name)
+        return f"{self.root}/{name}" if self.root else name
+
+    def _key_prefix(self, prefix: str) -> str:
+        """The full form of a listing prefix; `_relative` is its inverse on listed names."""
+        check_prefix(prefix)
+        return f"{self.root}/{prefix}" if self.root else prefix
+
+    def _relative(self, key: str) -> str:
+        return key[len(self.root) + 1 :] if self.root else key
 
     def put(self, name: str, stream: BinaryIO, size_hint: int | None = None) -> int:
         """Store everything `stream` yields as `name`, atomically; returns the bytes stored."""

@@ -98,16 +98,14 @@ class LocalStorage(Storage):
     max_parts = sys.maxsize  # a file has no part limit
 
     def __init__(self, target: LocalTarget, tuning: Tuning) -> None:
-        super().__init__(tuning)
-        self.root = Path(target.path)
-        if target.prefix:
-            self.root = self.root.joinpath(*check_name(target.prefix).split("/"))
+        super().__init__(tuning, target.prefix)
+        self.directory = Path(target.path, self.root)
 
     def _path(self, name: str) -> Path:
         parts = check_name(name).split("/")
         if any(part.startswith(TEMP_PREFIX) for part in parts):
             raise InvalidName(f"invalid object name {name!r}: {TEMP_PREFIX}* is reserved")
-        return self.root.joinpath(*parts)
+        return self.directory.joinpath(*parts)
 
     def _start_upload(self, name: str) -> Upload:
         return _LocalUpload(self._path(name))
@@ -141,7 +139,7 @@ class LocalStorage(Storage):
             path.unlink()
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self._walk(self.root, "", check_prefix(prefix))
+        return self._walk(self.directory, "", check_prefix(prefix))
 
     def _walk(self, directory: Path, relative: str, prefix: str) -> Iterator[ObjectInfo]:
         """Depth first, entries sorted with a '/' after directory names: that visits names
