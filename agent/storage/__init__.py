@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import TypeAdapter, ValidationError
 
-from broker.plan import CredentialRef, StorageTarget
+from broker.plan import StorageTarget
 
 from . import credentials, s3, swift
 from .base import (
@@ -76,7 +76,7 @@ def parse_repo_url(url: str) -> StorageTarget:
             allowed = ", ".join(sorted(_FIELDS | set(_CREDENTIAL_FIELDS)))
             raise ConfigError(f"unknown parameter {key!r} in {shown!r}; allowed: {allowed}")
     if refs:
-        fields["credentials"] = CredentialRef(**refs)
+        fields["credentials"] = refs
     if "@" in parts.netloc:
         raise ConfigError(
             "credentials never go into a repository URL: use ?credentials=FILE or ?env_prefix="
