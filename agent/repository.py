@@ -42,8 +42,9 @@ class Repository:
             yield info.name.removeprefix(self._prefix)
 
     def snapshots(self) -> list[SnapshotRecord]:
-        """Committed snapshots, oldest first."""
-        return [self.record(snapshot_of(name) or "") for name in sorted(self.names("snapshots/"))]
+        """Committed snapshots, oldest first (ids sort by second only, times are exact)."""
+        records = [self.record(snapshot_of(name) or "") for name in self.names("snapshots/")]
+        return sorted(records, key=lambda record: (record.started, record.id))
 
     def record(self, snapshot_id: str) -> SnapshotRecord:
         try:

@@ -131,7 +131,8 @@ class ObjectWriter(io.BufferedIOBase):
         self._part_size = part_size
         self._max_parts = max_parts
         self._parts = 0
-        self._buffer = bytearray()
+        self._buffer = bytearray(part_size)  # filled in place: no growth, no reallocation
+        self._filled = 0
         self._written = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-upload")
         self._pending: Future[None] | None = None
@@ -147,11 +148,12 @@ class ObjectWriter(io.BufferedIOBase):
         view = memoryview(data).cast("B")
         size = len(view)
         while view:
-            if len(self._buffer) == self._part_size:
+            if self._filled == self._part_size:
                 self._ship()
-            room = self._part_size - len(self._buffer)
-            self._buffer += view[:room]
-            view = view[room:]
+            count = min(len(view), self._part_size - self._filled)
+            self._buffer[self._filled : self._filled + count] = view[:count]
+            self._filled += count
+            view = view[count:]
         self._written += size
         return size
 
@@ -168,8 +170,8 @@ class ObjectWriter(io.BufferedIOBase):
                 f"object exceeds {self._max_parts} parts of {self._part_size} bytes: "
                 "pass size_hint or raise the part size"
             )
-        part, self._buffer = bytes(self._buffer), bytearray()
-        self._pending = self._pool.submit(self._upload.add_part, part)
+        self._pending = self._pool.submit(self._upload.add_part, bytes(self._buffer))
+        self._filled = 0
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
@@ -179,7 +181,7 @@ class ObjectWriter(io.BufferedIOBase):
     def _commit(self) -> None:
         try:
             self._wait()
-            self._upload.commit(bytes(self._buffer))
+            self._upload.commit(bytes(memoryview(self._buffer)[: self._filled]))
         finally:
             self._pool.shutdown()
             self._buffer = bytearray()

@@ -1,0 +1,161 @@
+"""`muster restore PATH...`: files and directories back, from the latest or a chosen snapshot.
+
+Without `--at`, each path comes from the newest snapshot that holds it, so a file deleted
+before the last backup still comes back. Only the volumes that hold the requested files
+are read: by ranged GETs when the files are a small part of a volume, streamed whole
+otherwise. Every file is checked against its catalog sha256 before it takes its place;
+one bad file is reported and the others are still restored.
+"""
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.archive import Archive, NoSnapshot, under
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry
+from agent.extract import ContentMismatch, Overwrite, Target, UnsafePath
+from agent.fetch import CorruptVolume, VolumeKeys, member_data, member_stream, read_member
+from agent.fetch import volume_members as stream_volume
+from broker.snapshot import SnapshotRecord
+
+Progress = Callable[[int, int], None]  # (files done, bytes done)
+
+
+@dataclass
+class RestoreOutcome:
+    snapshots: dict[str, str] = field(default_factory=dict)  # requested path -> snapshot id
+    files: int = 0
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def absolute(path: str) -> str:
+    """Paths as the catalog holds them: absolute, normalised, no trailing slash."""
+    return os.path.normpath(os.path.join(os.getcwd(), path)) if path else "/"
+
+
+def run_restore(
+    archive: Archive,
+    paths: list[str],
+    root: Path,
+    *,
+    at: str | None = None,
+    overwrite: Overwrite = lambda path: False,
+    strict: bool = True,
+    progress: Progress | None = None,
+) -> RestoreOutcome:
+    """Restore `paths` under `root` ("/" restores in place); `strict` forbids following
+    any symlink found under `root`, as a `--to DIR` restore must."""
+    outcome = RestoreOutcome()
+    wanted = [absolute(p) for p in paths]
+    chosen = _choose(archive, wanted, at, outcome)
+    target = Target(root, overwrite, strict)
+    restorer = _Restorer(archive, target, outcome, progress)
+    for record, record_paths in chosen:
+        with archive.entries(record) as entries:
+            restorer.restore([e for e in entries if under(e, record_paths)])
+    target.finish()
+    return outcome
+
+
+def _choose(
+    archive: Archive, wanted: list[str], at: str | None, outcome: RestoreOutcome
+) -> list[tuple[SnapshotRecord, list[str]]]:
+    """Which snapshot each path comes from: the chosen one, or the newest that has it."""
+    candidates = [archive.select(at)] if at else list(reversed(archive.records))
+    if not candidates:
+        raise NoSnapshot(f"no snapshots yet for {archive.repo.node}/{archive.repo.job}")
+    chosen: list[tuple[SnapshotRecord, list[str]]] = []
+    missing = list(wanted)
+    for record in candidates:
+        if not missing:
+            break
+        with archive.entries(record) as entries:
+            found = sorted({p for e in entries for p in missing if under(e, [p])})
+        if found:
+            chosen.append((record, found))
+            outcome.snapshots.update(dict.fromkeys(found, record.id))
+        missing = [p for p in missing if p not in found]
+    if missing:
+        where = f"snapshot {candidates[0].id}" if at else "any snapshot"
+        raise NoSnapshot(f"not in {where}: {', '.join(missing)} (try `muster find NAME`)")
+    return chosen
+
+
+class _Restorer:
+    def __init__(
+        self, archive: Archive, target: Target, outcome: RestoreOutcome, progress: Progress | None
+    ) -> None:
+        self._archive = archive
+        self._target = target
+        self._outcome = outcome
+        self._progress = progress
+        self._keys = VolumeKeys(archive.repo, archive.identities)
+
+    def restore(self, entries: list[Entry]) -> None:
+        by_type: dict[str, list[Entry]] = defaultdict(list)
+        for entry in entries:
+            by_type[entry.type].append(entry)
+        for entry in by_type[DIRECTORY]:
+            self._guard(entry, self._target.directory, entry)
+        by_volume: dict[str, list[Entry]] = defaultdict(list)
+        for entry in by_type[FILE]:
+            by_volume[entry.location.volume].append(entry)  # type: ignore[union-attr]
+        for volume, files in by_volume.items():
+            self._restore_volume(volume, files)
+        for entry in by_type[SYMLINK]:
+            self._guard(entry, self._target.symlink, entry)
+        restored = {e.path: e for e in by_type[FILE]}
+        for entry in by_type[HARDLINK]:
+            self._hardlink(entry, restored)
+
+    def _restore_volume(self, volume: str, files: list[Entry]) -> None:
+        size = self._archive.volume_sizes.get(volume, 0)
+        if 2 * sum(e.location.span for e in files) < size:  # type: ignore[union-attr]
+            for entry in files:
+                self._guard(entry, self._ranged, entry, size)
+        else:
+            self._guard(files[0], self._streamed, volume, files)
+
+    def _ranged(self, entry: Entry, volume_size: int) -> None:
+        stream = member_stream(self._archive.repo, self._keys, entry, volume_size)
+        self._write(entry, read_member(stream, entry))
+
+    def _streamed(self, volume: str, files: list[Entry]) -> None:
+        pending = {e.path.lstrip("/"): e for e in files}
+        for member, archive in stream_volume(self._archive.repo, volume, self._archive.identities):
+            entry = pending.pop(member.name, None)
+            if entry is not None:
+                self._guard(entry, self._write, entry, member_data(archive, member, entry))
+            if not pending:
+                return
+        lost = ", ".join(e.path for e in pending.values())
+        raise CorruptVolume(f"{volume}: ends without {lost}")
+
+    def _write(self, entry: Entry, blocks: Iterable[bytes]) -> None:
+        self._target.file(entry, blocks)
+        self._outcome.files += 1
+        self._outcome.bytes += entry.size
+        if self._progress:
+            self._progress(self._outcome.files, self._outcome.bytes)
+
+    def _hardlink(self, entry: Entry, restored: dict[str, Entry]) -> None:
+        target = restored.get(entry.link or "")
+        if target is None:
+            self._outcome.errors.append(
+                f"{entry.path}: hard link to {entry.link}, which is not being restored; "
+                f"restore {entry.link} with it"
+            )
+            return
+        self._guard(entry, self._target.hardlink, entry, target)
+
+    def _guard(self, entry: Entry, action: Callable[..., None], *args: object) -> None:
+        """Run one step; a bad entry is reported and the restore goes on."""
+        try:
+            action(*args)
+        except (CorruptVolume, ContentMismatch, UnsafePath) as error:
+            self._outcome.errors.append(str(error))
+        except OSError as error:
+            self._outcome.errors.append(f"{entry.path}: {error.strerror or error}")
