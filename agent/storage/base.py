@@ -224,8 +224,8 @@ def stream_reader(read: Callable[[int], bytes], close: Callable[[], None]) -> Bi
 class Storage(ABC):
     """A place for objects under one prefix: what the agent needs from Swift, S3 or a disk.
 
-    Subclasses implement `_start_upload`, `get`, `get_range`, `list`, `delete` and `stat`;
-    writing (`put`, `open_writer`) and `exists`/`size` are built here on top of them.
+    Subclasses implement `_start_upload`, `get`, `_get_range`, `list`, `delete` and `stat`;
+    writing (`put`, `open_writer`), `get_range`, `exists` and `size` are built here on them.
     """
 
     max_parts: int = 10_000  # a backend's limit on parts (segments) per object
@@ -278,6 +278,13 @@ class Storage(ABC):
         needed = math.ceil(math.ceil(size_hint / self.max_parts) / MIB) * MIB
         return max(self.tuning.part_size, needed)
 
+    def get_range(self, name: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) in one request: shorter at the object's end, empty
+        from the end on. Raises NotFound."""
+        if start < 0 or length < 0:
+            raise ValueError(f"invalid range: start={start} length={length}")
+        return self._get_range(name, start, length) if length else b""
+
     def exists(self, name: str) -> bool:
         try:
             self.stat(name)
@@ -297,8 +304,8 @@ class Storage(ABC):
         """A streaming reader of the whole object; raises NotFound. Close it when done."""
 
     @abstractmethod
-    def get_range(self, name: str, start: int, length: int) -> bytes:
-        """Bytes [start, start + length) in one request; shorter at the object's end."""
+    def _get_range(self, name: str, start: int, length: int) -> bytes:
+        """`get_range` once the range is known to be valid and non-empty."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

@@ -117,7 +117,7 @@ class LocalStorage(Storage):
                 raise FileNotFoundError
             return open(path, "rb")
 
-    def get_range(self, name: str, start: int, length: int) -> bytes:
+    def _get_range(self, name: str, start: int, length: int) -> bytes:
         with self.get(name) as file:
             file.seek(start)
             return file.read(length)

@@ -213,11 +213,7 @@ class S3Storage(Storage):
 
         return stream_reader(read, body.close)
 
-    def get_range(self, name: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise ValueError(f"invalid range start={start} length={length}")
-        if length == 0:
-            return b""
+    def _get_range(self, name: str, start: int, length: int) -> bytes:
         with self._errors(f"cannot read {self._where(name)}"):
             try:
                 response = self.client.get_object(

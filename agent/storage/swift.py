@@ -310,11 +310,7 @@ class SwiftStorage(Storage):
 
         return stream_reader(read, close)
 
-    def get_range(self, name: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise ValueError(f"invalid range start={start} length={length}")
-        if length == 0:
-            return b""
+    def _get_range(self, name: str, start: int, length: int) -> bytes:
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         with self._conn(f"cannot read {self._where(name)}") as conn:
             try:

@@ -9,12 +9,16 @@ pending S3 multipart uploads.
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import io
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -97,17 +101,21 @@ def secret_file(directory: Path, values: dict[str, str]) -> str:
     return str(path)
 
 
-def swift_backend(credentials: SwiftCredentials, directory: Path, key: str = "") -> Backend:
+def swift_backend(
+    credentials: SwiftCredentials, directory: Path, key: str = "", proxy: str | None = None
+) -> Backend:
     values = {"ST_AUTH": credentials.auth_url, "ST_USER": credentials.user}
     ref = CredentialRef(file=secret_file(directory, {**values, "ST_KEY": key or credentials.key}))
 
     def target(container: str, prefix: str) -> StorageTarget:
-        return SwiftTarget(container=container, prefix=prefix, credentials=ref)
+        return SwiftTarget(container=container, prefix=prefix, credentials=ref, proxy=proxy)
 
     return Backend("swift", target, unique("storage"))
 
 
-def s3_backend(credentials: S3Credentials, directory: Path, key: str = "") -> Backend:
+def s3_backend(
+    credentials: S3Credentials, directory: Path, key: str = "", proxy: str | None = None
+) -> Backend:
     values = {"AWS_ACCESS_KEY_ID": credentials.access_key}
     secret = {"AWS_SECRET_ACCESS_KEY": key or credentials.secret_key}
     ref = CredentialRef(file=secret_file(directory, {**values, **secret}))
@@ -119,6 +127,7 @@ def s3_backend(credentials: S3Credentials, directory: Path, key: str = "") -> Ba
             credentials=ref,
             endpoint=credentials.endpoint,
             region=credentials.region,
+            proxy=proxy,
         )
 
     return Backend("s3", target, unique("storage"))
@@ -154,6 +163,8 @@ def test_put_get_round_trip(backend: Backend, storage: Storage) -> None:
             assert reader.read() == data
         assert storage.size(name) == size
         assert storage.exists(name)
+    listed = {info.name: info.size for info in storage.list()}
+    assert listed == {"empty": 0, "small/one.age": 1000, "big.tar.zst.age": BIG}
     assert backend.segmented(storage, "big.tar.zst.age")
     assert backend.leftovers(storage) == []
 
@@ -233,6 +244,8 @@ def test_get_range(storage: Storage) -> None:
     assert storage.get_range("ranged", BIG - 10, 100) == data[-10:]
     assert storage.get_range("ranged", BIG, 100) == b""
     assert storage.get_range("ranged", 10, 0) == b""
+    with pytest.raises(ValueError):
+        storage.get_range("ranged", -1, 10)
 
 
 def test_get_streams_in_pieces(storage: Storage) -> None:
@@ -358,3 +371,85 @@ def test_unreachable_server_raises_unavailable(
         services.start("swift")
     storage.put("x", io.BytesIO(b"after restart"))
     assert storage.exists("x")
+
+
+class ForwardProxy(http.server.ThreadingHTTPServer):
+    """A minimal real HTTP forward proxy on 127.0.0.1 that records the requests it carries."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Forward)
+        self.seen: list[str] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Forward(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ForwardProxy
+    hop_by_hop = ("connection", "keep-alive", "proxy-connection", "transfer-encoding")
+
+    def forward(self) -> None:
+        target = urlsplit(self.path)  # a proxied request names the absolute URL
+        self.server.seen.append(f"{self.command} {target.path}")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self.hop_by_hop}
+        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        path = target.path + (f"?{target.query}" if target.query else "")
+        upstream.request(self.command, path, body=body, headers=headers)
+        response = upstream.getresponse()
+        data = response.read()
+        upstream.close()
+        self.send_response(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in (*self.hop_by_hop, "content-length"):
+                self.send_header(name, value)
+        length_header = response.getheader("Content-Length", "0")
+        self.send_header(
+            "Content-Length", length_header if self.command == "HEAD" else str(len(data))
+        )
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def forward_proxy() -> Iterator[ForwardProxy]:
+    proxy = ForwardProxy()
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("kind", ["swift", "s3"])
+def test_proxy_carries_every_request(
+    request: pytest.FixtureRequest, forward_proxy: ForwardProxy, tmp_path: Path, kind: str
+) -> None:
+    if kind == "swift":
+        credentials = request.getfixturevalue("swift_credentials")
+        backend = swift_backend(credentials, tmp_path, proxy=forward_proxy.url)
+    else:
+        credentials = request.getfixturevalue("s3_credentials")
+        backend = s3_backend(credentials, tmp_path, proxy=forward_proxy.url)
+    storage = backend.open("p")
+    data = payload(BIG)
+    storage.put("big", io.BytesIO(data))
+    assert storage.get_range("big", 5 * MIB, 10) == data[5 * MIB : 5 * MIB + 10]
+    with storage.get("big") as reader:
+        assert reader.read() == data
+    assert [info.name for info in storage.list()] == ["big"]
+    storage.delete("big")
+    assert not storage.exists("big")
+    methods = {line.split()[0] for line in forward_proxy.seen}
+    assert methods >= {"GET", "PUT", "HEAD", "DELETE"}
+    if kind == "swift":
+        assert forward_proxy.seen[0] == "GET /auth/v1.0"  # the login too
