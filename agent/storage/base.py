@@ -165,7 +165,7 @@ class ObjectWriter(io.BufferedIOBase):
         """Hand the full buffer to the worker, after the previous part has been stored."""
         self._wait()
         self._parts += 1
-        if self._parts > self._max_parts:
+        if self._parts >= self._max_parts:  # at least one more part follows this one
             raise StorageError(
                 f"object exceeds {self._max_parts} parts of {self._part_size} bytes: "
                 "pass size_hint or raise the part size"

@@ -27,6 +27,7 @@ from agent.storage import (
     InvalidName,
     NotFound,
     Storage,
+    StorageError,
     Tuning,
     Unavailable,
     open_storage,
@@ -232,6 +233,18 @@ def test_failed_put_leaves_nothing(backend: Backend, storage: Storage) -> None:
         storage.put("broken", Broken())
     assert not storage.exists("broken")
     assert backend.leftovers(storage) == []
+
+
+def test_part_limit_is_enforced_and_size_hint_avoids_it(backend: Backend, storage: Storage) -> None:
+    storage.max_parts = 2  # as if the server allowed only two segments per object
+    data = payload(BIG)
+    with pytest.raises(StorageError, match="pass size_hint"), storage.open_writer("x") as writer:
+        writer.write(data)
+    assert not storage.exists("x")
+    assert backend.leftovers(storage) == []
+    assert storage.put("x", io.BytesIO(data), size_hint=BIG) == BIG  # 2 parts of 7 MiB
+    with storage.get("x") as reader:
+        assert reader.read() == data
 
 
 def test_get_range(storage: Storage) -> None:
