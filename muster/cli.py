@@ -6,6 +6,7 @@ import sys
 import click
 from kombu.exceptions import OperationalError
 
+from agent.cli import register as register_agent_commands
 from broker.cli import broker_group, keys_group
 from broker.errors import ContractError
 from muster import __version__
@@ -30,6 +31,7 @@ def cli(log_level: str) -> None:
 
 cli.add_command(broker_group)
 cli.add_command(keys_group)
+register_agent_commands(cli)
 
 
 def main() -> None:
