@@ -27,6 +27,7 @@ upload deletes those it stored. Swift limits an SLO to `max_manifest_segments` s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import threading
@@ -379,6 +380,12 @@ class SwiftStorage(Storage):
             conn.delete_object(container, name)
 
 
+def _md5(data: bytes) -> str:
+    """The ETag Swift checks the stored bytes against: a part damaged in transit fails the
+    backup now rather than the restore later."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
 class _SwiftUpload(Upload):
     """Segments as the parts, then the object itself or its SLO manifest."""
 
@@ -396,7 +403,9 @@ class _SwiftUpload(Upload):
         storage._ensure_container(storage.segments)
         segment = f"{self._upload_dir}{len(self._manifest) + 1:08d}"
         with storage._conn(f"cannot upload segment {storage.segments}/{segment}") as conn:
-            etag = conn.put_object(storage.segments, segment, data, content_length=len(data))
+            etag = conn.put_object(
+                storage.segments, segment, data, content_length=len(data), etag=_md5(data)
+            )
         path = f"/{storage.segments}/{segment}"
         self._manifest.append({"path": path, "etag": etag, "size_bytes": len(data)})
 
@@ -415,7 +424,9 @@ class _SwiftUpload(Upload):
                     query_string="multipart-manifest=put",
                 )
             else:
-                conn.put_object(storage.container, self._key, tail, content_length=len(tail))
+                conn.put_object(
+                    storage.container, self._key, tail, content_length=len(tail), etag=_md5(tail)
+                )
         with contextlib.suppress(StorageError):  # at worst the old segments leak
             for path in set(replaced) - {segment["path"] for segment in self._manifest}:
                 storage._delete_segment(path)
