@@ -232,6 +232,7 @@ class _Run:
             entry = _entry(found)
             before = previous.find(entry.key)
             if before is not None and before.location and entry.unchanged_since(before):
+                entry.type, entry.link = before.type, before.link
                 entry.sha256, entry.location = before.sha256, before.location
                 change = "unchanged"
             elif self._store(entry, found):

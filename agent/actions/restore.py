@@ -10,12 +10,12 @@ one bad file is reported and the others are still restored.
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.archive import Archive, NoSnapshot, under
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry
-from agent.extract import ContentMismatch, Overwrite, Target, UnsafePath
+from agent.extract import ContentMismatch, Overwrite, Target, UnsafePath, components
 from agent.fetch import CorruptVolume, VolumeKeys, member_data, member_stream, read_member
 from agent.fetch import volume_members as stream_volume
 from broker.snapshot import SnapshotRecord
@@ -55,9 +55,21 @@ def run_restore(
     restorer = _Restorer(archive, target, outcome, progress)
     for record, record_paths in chosen:
         with archive.entries(record) as entries:
-            restorer.restore([e for e in entries if under(e, record_paths)])
+            selected = [e for e in entries if under(e, record_paths)]
+        restorer.restore(selected, _link_sources(archive, record, selected))
     target.finish()
     return outcome
+
+
+def _link_sources(archive: Archive, record: SnapshotRecord, selected: list[Entry]) -> list[Entry]:
+    """The files that selected hard links name but that were not selected themselves:
+    their data is what such a link restores."""
+    chosen = {e.path for e in selected}
+    needed = {e.link for e in selected if e.type == HARDLINK and e.link not in chosen}
+    if not needed:
+        return []
+    with archive.entries(record) as entries:
+        return [e for e in entries if e.path in needed]
 
 
 def _choose(
@@ -94,44 +106,65 @@ class _Restorer:
         self._progress = progress
         self._keys = VolumeKeys(archive.repo, archive.identities)
 
-    def restore(self, entries: list[Entry]) -> None:
+    def restore(self, entries: list[Entry], link_sources: list[Entry]) -> None:
         by_type: dict[str, list[Entry]] = defaultdict(list)
         for entry in entries:
-            by_type[entry.type].append(entry)
+            if self._guard(entry, components, entry.path):
+                by_type[entry.type].append(entry)
         for entry in by_type[DIRECTORY]:
             self._guard(entry, self._target.directory, entry)
-        by_volume: dict[str, list[Entry]] = defaultdict(list)
-        for entry in by_type[FILE]:
-            by_volume[entry.location.volume].append(entry)  # type: ignore[union-attr]
-        for volume, files in by_volume.items():
-            self._restore_volume(volume, files)
+        files = {e.path: e for e in by_type[FILE]}
+        sources = {e.path: e for e in link_sources}
+        jobs = [(e, e) for e in files.values()]
+        links = []
+        for entry in by_type[HARDLINK]:
+            if entry.link in files:
+                links.append((entry, files[entry.link]))
+            elif entry.link in sources:  # a lone link: restore the data it names, as a file
+                source = sources[entry.link]
+                copy = replace(entry, type=FILE, size=source.size, sha256=source.sha256)
+                jobs.append((copy, source))
+            else:
+                self._outcome.errors.append(f"{entry.path}: hard link to missing {entry.link}")
+        by_volume: dict[str, list[tuple[Entry, Entry]]] = defaultdict(list)
+        for job in jobs:
+            by_volume[job[1].location.volume].append(job)  # type: ignore[union-attr]
+        for volume, volume_jobs in by_volume.items():
+            self._restore_volume(volume, volume_jobs)
         for entry in by_type[SYMLINK]:
             self._guard(entry, self._target.symlink, entry)
-        restored = {e.path: e for e in by_type[FILE]}
-        for entry in by_type[HARDLINK]:
-            self._hardlink(entry, restored)
+        for entry, target in links:
+            self._guard(entry, self._target.hardlink, entry, target)
 
-    def _restore_volume(self, volume: str, files: list[Entry]) -> None:
+    def _restore_volume(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
+        """Ranged reads when the files are a small part of the volume, else one stream."""
         size = self._archive.volume_sizes.get(volume, 0)
-        if 2 * sum(e.location.span for e in files) < size:  # type: ignore[union-attr]
-            for entry in files:
-                self._guard(entry, self._ranged, entry, size)
+        if 2 * sum(source.location.span for _, source in jobs) < size:  # type: ignore[union-attr]
+            for dest, source in jobs:
+                self._guard(dest, self._ranged, dest, source, size)
         else:
-            self._guard(files[0], self._streamed, volume, files)
+            self._guard(jobs[0][0], self._streamed, volume, jobs)
 
-    def _ranged(self, entry: Entry, volume_size: int) -> None:
-        stream = member_stream(self._archive.repo, self._keys, entry, volume_size)
-        self._write(entry, read_member(stream, entry))
+    def _ranged(self, dest: Entry, source: Entry, volume_size: int) -> None:
+        stream = member_stream(self._archive.repo, self._keys, source, volume_size)
+        self._write(dest, read_member(stream, source))
 
-    def _streamed(self, volume: str, files: list[Entry]) -> None:
-        pending = {e.path.lstrip("/"): e for e in files}
+    def _streamed(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
+        pending: dict[str, list[Entry]] = defaultdict(list)
+        for dest, source in jobs:
+            pending[source.path.lstrip("/")].append(dest)
         for member, archive in stream_volume(self._archive.repo, volume, self._archive.identities):
-            entry = pending.pop(member.name, None)
-            if entry is not None:
-                self._guard(entry, self._write, entry, member_data(archive, member, entry))
+            dests = pending.pop(member.name, [])
+            if dests:
+                first, *others = dests
+                written = self._guard(
+                    first, self._write, first, member_data(archive, member, first)
+                )
+                for other in others if written else []:
+                    self._guard(other, self._target.hardlink, other, first)
             if not pending:
                 return
-        lost = ", ".join(e.path for e in pending.values())
+        lost = ", ".join(dest.path for dests in pending.values() for dest in dests)
         raise CorruptVolume(f"{volume}: ends without {lost}")
 
     def _write(self, entry: Entry, blocks: Iterable[bytes]) -> None:
@@ -141,21 +174,14 @@ class _Restorer:
         if self._progress:
             self._progress(self._outcome.files, self._outcome.bytes)
 
-    def _hardlink(self, entry: Entry, restored: dict[str, Entry]) -> None:
-        target = restored.get(entry.link or "")
-        if target is None:
-            self._outcome.errors.append(
-                f"{entry.path}: hard link to {entry.link}, which is not being restored; "
-                f"restore {entry.link} with it"
-            )
-            return
-        self._guard(entry, self._target.hardlink, entry, target)
-
-    def _guard(self, entry: Entry, action: Callable[..., None], *args: object) -> None:
-        """Run one step; a bad entry is reported and the restore goes on."""
+    def _guard(self, entry: Entry, action: Callable[..., object], *args: object) -> bool:
+        """Run one step; a bad entry is reported, the restore goes on. True if it worked."""
         try:
             action(*args)
         except (CorruptVolume, ContentMismatch, UnsafePath) as error:
             self._outcome.errors.append(str(error))
         except OSError as error:
             self._outcome.errors.append(f"{entry.path}: {error.strerror or error}")
+        else:
+            return True
+        return False
