@@ -152,10 +152,19 @@ class _Connection(Connection):
         return self.url, self.token
 
 
-def _keystone_session(config: SwiftSettings, timeout: float) -> Any:
-    """A keystoneauth1 session for v3 password auth, proxied like every other request."""
+@dataclass(frozen=True)
+class _Keystone:
+    """A keystoneauth1 session, and the exception base class that its failures share."""
+
+    session: Any
+    error: type[Exception]
+
+
+def _keystone(config: SwiftSettings, timeout: float) -> _Keystone:
+    """A v3 password session, proxied like every other request. keystoneauth1 is imported
+    here so that tempauth users do not need it."""
     try:
-        from keystoneauth1 import session
+        from keystoneauth1 import exceptions, session
         from keystoneauth1.identity import v3
     except ImportError:
         raise ConfigError(
@@ -174,7 +183,9 @@ def _keystone_session(config: SwiftSettings, timeout: float) -> Any:
     http = requests.Session()
     if config.proxy:
         http.proxies = {"http": config.proxy, "https": config.proxy}
-    return session.Session(auth=auth, session=http, timeout=timeout)
+    return _Keystone(
+        session.Session(auth=auth, session=http, timeout=timeout), exceptions.ClientException
+    )
 
 
 class SwiftStorage(Storage):
@@ -185,9 +196,7 @@ class SwiftStorage(Storage):
         self.container = target.container
         self.segments = target.container + SEGMENTS_SUFFIX
         self._config = config
-        self._session = (
-            _keystone_session(config, tuning.timeout) if config.auth_version == "3" else None
-        )
+        self._keystone = _keystone(config, tuning.timeout) if config.auth_version == "3" else None
         self._idle: list[_Connection] = []  # swiftclient connections are not thread-safe
         self._login: tuple[str, str] | None = None  # v1 storage URL and token, shared
         self._containers: set[str] = set()
@@ -207,8 +216,8 @@ class SwiftStorage(Storage):
             "timeout": tuning.timeout,
             "os_options": options,
         }
-        if self._session is not None:
-            return _Connection(config.proxy, session=self._session, **common)
+        if self._keystone is not None:
+            return _Connection(config.proxy, session=self._keystone.session, **common)
         url, token = self._login or (None, None)
         return _Connection(
             config.proxy,
@@ -245,6 +254,7 @@ class SwiftStorage(Storage):
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        keystone_error = self._keystone.error if self._keystone else ()  # () catches nothing
         try:
             yield
         except ClientException as error:
@@ -254,6 +264,26 @@ class SwiftStorage(Storage):
                 f"{what}: cannot reach Swift ({type(error).__name__}) after "
                 f"{self.tuning.retries} retries; check the network, proxy and {self._config.host}"
             ) from None
+        except keystone_error as error:
+            raise self._keystone_error(what, error) from None
+
+    def _keystone_error(self, what: str, error: Exception) -> StorageError:
+        config = self._config
+        status = getattr(error, "http_status", None)
+        if status in (401, 403):
+            return AuthError(
+                f"{what}: Keystone at {config.host} refused the credentials from "
+                f"{config.source}; check user, password, project and domains"
+            )
+        if type(error).__name__ == "EndpointNotFound":
+            return ConfigError(
+                f"{what}: Keystone lists no object-store endpoint for region {config.region} "
+                f"and interface {config.interface}; check OS_REGION_NAME and OS_INTERFACE"
+            )
+        return Unavailable(
+            f"{what}: Keystone at {config.host} failed ({type(error).__name__}, HTTP {status}); "
+            "check the network, proxy and OS_AUTH_URL, or try again later"
+        )
 
     def _client_error(self, what: str, error: ClientException) -> StorageError:
         status = error.http_status
