@@ -246,7 +246,9 @@ def test_identity_optional_for_reading_records(tmp_path: Path) -> None:
     assert context.identities == []
     with pytest.raises(ContextError, match="create one with `muster keys generate"):
         _ = context.identity
-    explicit = RepoOptions(repo=f"file://{tmp_path}/r", identity=tmp_path / "nope.txt")
+    explicit = RepoOptions(
+        repo=f"file://{tmp_path}/r", identity=tmp_path / "nope.txt", state_dir=tmp_path
+    )
     with pytest.raises(ContextError, match="no identity at"):
         resolve(explicit, identity_required=False)
 
@@ -254,7 +256,9 @@ def test_identity_optional_for_reading_records(tmp_path: Path) -> None:
 def test_explicit_identity_file(tmp_path: Path) -> None:
     identity = age.Identity.generate()
     age.write_identity(tmp_path / "key.txt", identity)
-    options = RepoOptions(repo=f"file://{tmp_path}/r", identity=tmp_path / "key.txt")
+    options = RepoOptions(
+        repo=f"file://{tmp_path}/r", identity=tmp_path / "key.txt", state_dir=tmp_path
+    )
     assert resolve(options).identity == identity
 
 
