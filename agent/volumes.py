@@ -54,7 +54,7 @@ class _Pending:
     entry: Entry
     first_frame: int
     skip: int
-    last_frame: int
+    last_frame: int | None = None  # None while the member's data is still being copied
 
 
 @dataclass
@@ -134,13 +134,14 @@ class VolumeWriter:
         volume = self._current()
         if len(self._frame) >= FRAME_TARGET:
             self._cut_frame()
-        first_frame, skip = self._frame_index, len(self._frame)
+        pending = _Pending(entry, self._frame_index, len(self._frame))
+        self._pending.append(pending)  # first, so its first frame's offset is kept
         self._frame += header
         warnings = self._copy(entry, content) if content is not None else []
         self._frame += padding(entry.size)
+        pending.last_frame = self._frame_index
         volume.tar_bytes += len(header) + entry.size + len(padding(entry.size))
         volume.members += 1
-        self._pending.append(_Pending(entry, first_frame, skip, self._frame_index))
         if entry.size > self._target:
             self.finish_volume()  # a file bigger than the target has a volume of its own
         return warnings
@@ -192,7 +193,10 @@ class VolumeWriter:
 
     def _locate(self, volume: _Volume, written_through: int) -> None:
         header_length = volume.encryptor.header_length
-        while self._pending and self._pending[0].last_frame <= written_through:
+        while self._pending:
+            head = self._pending[0]
+            if head.last_frame is None or head.last_frame > written_through:
+                break
             done = self._pending.popleft()
             frame = volume.frame_starts[done.first_frame]
             done.entry.location = Location(
