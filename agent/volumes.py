@@ -100,6 +100,7 @@ class VolumeWriter:
         level: int,
         target_size: int,
         pool: ThreadPoolExecutor,
+        on_read: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._open_writer = open_writer
         self._snapshot_id = snapshot_id
@@ -107,6 +108,7 @@ class VolumeWriter:
         self._level = level
         self._target = target_size
         self._pool = pool
+        self._on_read = on_read  # progress: file bytes as they are read
         self._volume: _Volume | None = None
         self._number = 0
         self._frame = bytearray()
@@ -155,6 +157,7 @@ class VolumeWriter:
             digest.update(chunk)
             self._frame += chunk
             remaining -= len(chunk)
+            self._on_read(len(chunk))
             if len(self._frame) >= FRAME_MAX:
                 self._cut_frame()
         warnings = []

@@ -92,7 +92,7 @@ def peek(connection: Any, limit: int) -> list[dict[str, str]]:
 
 @click.group("keys")
 def keys_group() -> None:
-    """Keys: the rule engine's plan-signing key."""
+    """Keys: node identities (age) and the rule engine's plan-signing key."""
 
 
 @keys_group.command("generate-signing-key")

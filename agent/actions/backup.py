@@ -40,7 +40,7 @@ from broker.snapshot import (
 )
 from broker.types import utcnow
 
-Progress = Callable[[int, int], None]  # (files done, bytes done)
+Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
 
 
 @dataclass
@@ -214,6 +214,7 @@ class _Run:
                 level=self.job.compression_level,
                 target_size=self.job.volume_size,
                 pool=pool,
+                on_read=self._read,
             )
             catalog = _Catalog(self.repo, self.snapshot_id, self.recipients, self.cache)
             try:
@@ -257,7 +258,16 @@ class _Run:
             self.tally["directories"] += 1
         elif entry.type in (FILE, HARDLINK):
             self.tally.update({"files": 1, "bytes": entry.size, f"files_{change}": 1})
-        self._files_done += 1
+            if change == "unchanged":
+                self._bytes_done += entry.size
+            self._files_done += 1
+            self._report()
+
+    def _read(self, count: int) -> None:
+        self._bytes_done += count
+        self._report()
+
+    def _report(self) -> None:
         if self.progress:
             self.progress(self._files_done, self._bytes_done)
 
@@ -318,7 +328,6 @@ class _Run:
                 self.volumes.volume_number,
             )
         self.tally["bytes_new"] += entry.size
-        self._bytes_done += entry.size
         return True
 
     def _warn(self, message: str) -> bool:

@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from broker.plan import StorageTarget
 
-from . import credentials, s3, swift
+from . import credentials
 from .base import (
     AuthError,
     ConfigError,
@@ -55,8 +55,13 @@ def open_storage(target: StorageTarget, tuning: Tuning | None = None) -> Storage
     if target.kind == "local":
         return LocalStorage(target, tuning)
     found = credentials.resolve(target.credentials)
+    # Imported here: boto3 and swiftclient cost half a second that most commands never need.
     if target.kind == "swift":
+        from . import swift
+
         return swift.SwiftStorage(target, swift.settings(target, found), tuning)
+    from . import s3
+
     return s3.S3Storage(target, s3.settings(target, found), tuning)
 
 
