@@ -108,11 +108,10 @@ def show_warnings(warnings: list[str]) -> None:
 
 
 class BackupProgress:
-    """A progress bar fed by `run_backup`'s callback (entries walked, bytes read).
+    """A progress bar fed by `run_backup`'s callback (files done, bytes done or read).
 
-    The previous snapshot gives the expected totals: its files and directories for an
-    incremental run, whose time goes into the walk, and its bytes for a full run, which
-    reads everything. Without a previous snapshot the bar is indeterminate.
+    The previous snapshot gives the expected totals, its files and bytes; without one the
+    bar is indeterminate.
     """
 
     INTERVAL = 0.1  # seconds between redraws; the callback comes once per entry
@@ -120,8 +119,8 @@ class BackupProgress:
     def __init__(
         self, console: Console, name: str, parent: SnapshotRecord | None, full: bool
     ) -> None:
-        self._files_total = parent.stats.files + parent.stats.directories if parent else None
-        self._bytes_total = parent.stats.bytes if parent and full else None
+        self._files_total = parent.stats.files if parent else None
+        self._bytes_total = parent.stats.bytes if parent else None
         self._by_bytes = bool(self._bytes_total)
         self._progress = Progress(
             SpinnerColumn(),
@@ -167,7 +166,7 @@ class BackupProgress:
         read = human_size(self.bytes) + (
             f"/{human_size(self._bytes_total)}" if self._bytes_total else ""
         )
-        return f"{files} files  {read} read  {human_size(self.bytes / elapsed)}/s"
+        return f"{files} files  {read}  {human_size(self.bytes / elapsed)}/s"
 
     def _redraw(self) -> None:
         completed = self.bytes if self._by_bytes else self.files

@@ -469,23 +469,14 @@ def progress_console() -> Console:
     return Console(file=io.StringIO(), force_terminal=True, width=200)
 
 
-def test_progress_of_an_incremental_counts_entries() -> None:
-    progress = BackupProgress(progress_console(), "web1/etc", record(90, 10, 5000), full=False)
-    with progress:
-        progress.update(50, 2048)
-        task = progress._progress.tasks[0]
-        assert task.total == 100
-        assert task.completed == 50
-        assert progress.detail().startswith("50/100 files  2.0 KiB read  ")
-
-
-def test_progress_of_a_full_run_counts_bytes() -> None:
-    progress = BackupProgress(progress_console(), "web1/etc", record(9, 1, 4096), full=True)
-    with progress:
-        progress.update(3, 1024)
-        task = progress._progress.tasks[0]
-        assert (task.total, task.completed) == (4096, 1024)
-        assert progress.detail().startswith("3/10 files  1.0 KiB/4.0 KiB read  ")
+def test_progress_counts_bytes_against_the_previous_snapshot() -> None:
+    for full in (True, False):
+        progress = BackupProgress(progress_console(), "web1/etc", record(9, 1, 4096), full=full)
+        with progress:
+            progress.update(3, 1024)
+            task = progress._progress.tasks[0]
+            assert (task.total, task.completed) == (4096, 1024)
+            assert progress.detail().startswith("3/9 files  1.0 KiB/4.0 KiB  ")
 
 
 def test_progress_without_parent_is_indeterminate() -> None:
@@ -493,4 +484,4 @@ def test_progress_without_parent_is_indeterminate() -> None:
     with progress:
         progress.update(7, 100)
         assert progress._progress.tasks[0].total is None
-        assert progress.detail().startswith("7 files  100 B read  ")
+        assert progress.detail().startswith("7 files  100 B  ")
