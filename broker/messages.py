@@ -72,6 +72,11 @@ class Keepalive(Message):
     uptime: float = Field(ge=0, description="seconds since the agent started")
     interval: int = Field(default=20, gt=0, description="seconds until the next keepalive")
     running: list[JobName] = []
+    facts: Facts | None = Field(
+        default=None,
+        description="the node's current facts, so that a stateless rule engine can recompute "
+        "its plan on every keepalive; without them the rule engine sends nothing",
+    )
 
 
 class PlanSignature(ContractModel):
