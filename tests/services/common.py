@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,8 @@ PORT_RANGE = (20000, 32000)
 # Popen objects of servers started by this process: kept so they can be reaped (and so that
 # Python does not warn about child processes it thinks were forgotten).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_PORTS_TAKEN: set[int] = set()
+_PORTS_LOCK = threading.Lock()
 
 
 class ServiceError(RuntimeError):
@@ -62,12 +65,18 @@ def port_is_free(port: int) -> bool:
 
 
 def pick_ports(count: int) -> list[int]:
-    """Distinct free ports on 127.0.0.1, outside the ephemeral range (see PORT_RANGE)."""
+    """Free ports on 127.0.0.1, outside the ephemeral range (see PORT_RANGE).
+
+    Servers pick theirs concurrently and do not bind at once, so ports handed out (or loaded)
+    in this process are remembered and never handed out twice.
+    """
     chosen: list[int] = []
-    while len(chosen) < count:
-        port = random.randint(*PORT_RANGE)
-        if port not in chosen and port_is_free(port):
-            chosen.append(port)
+    with _PORTS_LOCK:
+        while len(chosen) < count:
+            port = random.randint(*PORT_RANGE)
+            if port not in _PORTS_TAKEN and port_is_free(port):
+                _PORTS_TAKEN.add(port)
+                chosen.append(port)
     return chosen
 
 
@@ -155,8 +164,11 @@ def owned_by(pid: int, owner: str) -> bool:
     """Whether pid was started with OWNER_VAR=owner in its environment.
 
     PID files can outlive their processes (a reboot, a machine handed over as it was); this
-    keeps `stop` from signalling an unrelated process that reused the PID.
+    keeps `stop` from signalling an unrelated process that reused the PID. Our own children
+    are ours without looking: right after exec their environ can still read as empty.
     """
+    if pid in _CHILDREN:
+        return True
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
@@ -197,6 +209,8 @@ class Server(ABC):
             path = self.dir / "ports.json"
             if path.exists():
                 self._ports = json.loads(path.read_text())
+                with _PORTS_LOCK:
+                    _PORTS_TAKEN.update(self._ports.values())
             else:
                 ports = pick_ports(len(self.port_names))
                 self._ports = dict(zip(self.port_names, ports, strict=True))
@@ -291,7 +305,11 @@ class Server(ABC):
     def ensure_alive(self, process: str) -> None:
         """Fail fast, with the log, when a process died during startup."""
         if not self.alive(process):
-            raise ServiceError(f"{self.name}: {process} exited during startup\n{self.logs()}")
+            child = _CHILDREN.get(read_pid(self.pid_file(process)) or 0)
+            status = f" (exit status {child.poll()})" if child is not None else ""
+            raise ServiceError(
+                f"{self.name}: {process} exited during startup{status}\n{self.logs()}"
+            )
 
     def wait_for(
         self,

@@ -100,6 +100,9 @@ class Fleet:
         """
         todo = [server for server in self.select(names) if not server.running()]
         self.root.mkdir(parents=True, exist_ok=True)
+        for server in self.servers.values():
+            if server.configured():
+                _ = server.ports  # loading them reserves them: no other server may pick them
         with ThreadPoolExecutor(max_workers=len(todo) or 1) as pool:
             futures = {server.name: pool.submit(timed, server.start) for server in todo}
         errors = [name for name, future in futures.items() if future.exception() is not None]
