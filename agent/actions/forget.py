@@ -7,9 +7,10 @@ remaining snapshot refers to (its own volumes and its `references`). A volume sh
 with a kept incremental snapshot stays, whichever snapshot wrote it. A run that stops
 half-way leaves only objects no record needs, which the next forget removes.
 
-Objects of a snapshot that has no record and is not older than the newest committed one
-may belong to a backup still being written, so they are left alone (the backup itself
-removes them if it was interrupted). `dry_run` deletes nothing and reports what would go.
+Objects of a snapshot that has no record and did not start before the last committed
+snapshot finished may belong to a backup still being written, so they are left alone
+(the backup itself removes them if it was interrupted). `dry_run` deletes nothing and
+reports what would go.
 """
 
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from agent.repository import Repository
 from agent.retention import select_kept, utc
 from agent.storage import NotFound
 from broker.plan import Retention
-from broker.snapshot import SnapshotRecord, job_prefix, record_name, snapshot_of
+from broker.snapshot import SnapshotRecord, catalog_name, job_prefix, record_name, snapshot_of
 
 
 @dataclass
@@ -38,7 +39,7 @@ def run_forget(
     records = repo.snapshots()
     kept, forgotten, reasons = select_kept(records, retention, now)
     outcome = ForgetOutcome(kept, forgotten, reasons=reasons, dry_run=dry_run)
-    newest = max((utc(r.started) for r in records), default=None)
+    newest = max((utc(r.finished) for r in records), default=None)
     sizes = _sizes(repo, "snapshots/")
     for record in forgotten:
         _delete(repo, outcome, record_name(record.id), sizes)
@@ -54,8 +55,8 @@ def run_forget(
         return owner in gone or _older(owner, newest)
 
     catalogs = _sizes(repo, "catalogs/")
-    for name in catalogs:
-        if garbage(name):
+    for name in [catalog_name(r.id) for r in forgotten] + sorted(catalogs):
+        if name in catalogs and garbage(name) and name not in outcome.deleted_objects:
             _delete(repo, outcome, name, catalogs)
     volumes = _sizes(repo, "volumes/")
     for name in volumes:
@@ -83,8 +84,9 @@ def _delete(repo: Repository, outcome: ForgetOutcome, name: str, sizes: dict[str
 
 
 def _older(snapshot_id: str, newest: datetime | None) -> bool:
-    """Whether a snapshot id's time lies before the newest committed snapshot's second:
-    then no backup can still be writing it (a run's parent is committed before it starts)."""
+    """Whether a snapshot id's time (its start, to the second) lies before the second in
+    which the last committed snapshot finished: then no backup can still be writing it,
+    since a backup starts after every committed record was written (one writer a job)."""
     if newest is None:
         return False
     started = datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=newest.tzinfo)
