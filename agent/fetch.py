@@ -6,6 +6,7 @@ much of a volume streams it once instead. Either way every byte is authenticated
 and every file is checked against its catalog sha256 by the caller.
 """
 
+import contextlib
 import io
 import tarfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import zstandard
 from agent import age
 from agent.catalog import Entry
 from agent.repository import Repository
+from agent.storage import NotFound
 
 HEADER_PREFIX = 4096
 BATCH_CHUNKS = 128  # 8 MiB of ciphertext per ranged GET
@@ -23,6 +25,15 @@ BATCH_CHUNKS = 128  # 8 MiB of ciphertext per ranged GET
 
 class CorruptVolume(Exception):
     """A volume does not hold what its catalog says: missing, truncated or tampered."""
+
+
+@contextlib.contextmanager
+def _present(volume: str) -> Iterator[None]:
+    """A volume that storage no longer has is a damaged backup, reported like one."""
+    try:
+        yield
+    except NotFound:
+        raise CorruptVolume(f"{volume}: missing from storage") from None
 
 
 class VolumeKeys:
@@ -37,7 +48,8 @@ class VolumeKeys:
         if volume not in self._keys:
             length = HEADER_PREFIX
             while True:
-                prefix = self._repo.get_range(volume, 0, length)
+                with _present(volume):
+                    prefix = self._repo.get_range(volume, 0, length)
                 try:
                     self._keys[volume] = age.open_header(prefix, self._identities)
                     break
@@ -76,7 +88,8 @@ class _ChunkReader(io.RawIOBase):
         self._next = last + 1
         start = age.ciphertext_offset(self._key.header_length, first * age.CHUNK_SIZE)
         end = min(start + (last - first + 1) * age.ENCRYPTED_CHUNK_SIZE, self._size)
-        data = self._repo.get_range(self._volume, start, end - start)
+        with _present(self._volume):
+            data = self._repo.get_range(self._volume, start, end - start)
         final = age.is_final_chunk(self._size, self._key.header_length, last)
         if len(data) != end - start:
             raise CorruptVolume(f"{self._volume}: truncated ({len(data)} of {end - start} bytes)")
@@ -120,7 +133,9 @@ def volume_members(
     repo: Repository, volume: str, identities: list[age.Identity]
 ) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     """Every member of a whole volume, streamed once from storage."""
-    with repo.get(volume) as encrypted, age.Decryptor(encrypted, identities) as plain:
+    with _present(volume):
+        encrypted = repo.get(volume)
+    with encrypted, age.Decryptor(encrypted, identities) as plain:
         stream = zstandard.ZstdDecompressor().stream_reader(plain, read_across_frames=True)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as archive:

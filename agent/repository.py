@@ -62,11 +62,14 @@ class Repository:
         self.storage.put(self._prefix + record_name(record.id), io.BytesIO(body), len(body))
 
     def leftovers(self) -> list[str]:
-        """Objects of snapshots that never got their record."""
-        committed = {snapshot_of(name) for name in self.names("snapshots/")}
+        """Objects of snapshots that never got their record, and that no committed
+        snapshot uses (a kept incremental may still use volumes of a forgotten one)."""
+        records = self.snapshots()
+        committed = {record.id for record in records}
+        in_use = set().union(*(record.all_volumes() for record in records))
         return [
             name
             for folder in ("catalogs/", "volumes/")
             for name in self.names(folder)
-            if snapshot_of(name) not in committed
+            if snapshot_of(name) not in committed and name not in in_use
         ]

@@ -131,8 +131,10 @@ class VolumeWriter:
 
     def add(self, entry: Entry, header: bytes, content: BinaryIO | None = None) -> list[str]:
         """Write one member (header, then `entry.size` bytes from `content`); returns
-        warnings about the file changing while it was read."""
-        self._rotate_before(entry.size)
+        warnings about the file changing while it was read. Without `content` the member
+        has no data (directories, symlinks, hard links), whatever `entry.size` says."""
+        size = entry.size if content is not None else 0
+        self._rotate_before(size)
         volume = self._current()
         if len(self._frame) >= FRAME_TARGET:
             self._cut_frame()
@@ -140,11 +142,11 @@ class VolumeWriter:
         self._pending.append(pending)  # first, so its first frame's offset is kept
         self._frame += header
         warnings = self._copy(entry, content) if content is not None else []
-        self._frame += padding(entry.size)
+        self._frame += padding(size)
         pending.last_frame = self._frame_index
-        volume.tar_bytes += len(header) + entry.size + len(padding(entry.size))
+        volume.tar_bytes += len(header) + size + len(padding(size))
         volume.members += 1
-        if entry.size > self._target:
+        if size > self._target:
             self.finish_volume()  # a file bigger than the target has a volume of its own
         return warnings
 

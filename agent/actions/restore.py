@@ -18,6 +18,7 @@ from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry
 from agent.extract import ContentMismatch, Overwrite, Target, UnsafePath, components
 from agent.fetch import CorruptVolume, VolumeKeys, member_data, member_stream, read_member
 from agent.fetch import volume_members as stream_volume
+from agent.storage import NotFound
 from broker.snapshot import SnapshotRecord
 
 Progress = Callable[[int, int], None]  # (files done, bytes done)
@@ -138,12 +139,19 @@ class _Restorer:
 
     def _restore_volume(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
         """Ranged reads when the files are a small part of the volume, else one stream."""
-        size = self._archive.volume_sizes.get(volume, 0)
+        size = self._archive.volume_sizes.get(volume) or self._volume_size(volume)
         if 2 * sum(source.location.span for _, source in jobs) < size:  # type: ignore[union-attr]
             for dest, source in jobs:
                 self._guard(dest, self._ranged, dest, source, size)
         else:
             self._guard(jobs[0][0], self._streamed, volume, jobs)
+
+    def _volume_size(self, volume: str) -> int:
+        """Volumes of forgotten snapshots that kept ones still use have no record left."""
+        try:
+            return self._archive.repo.size(volume)
+        except NotFound:
+            return 0  # streamed then, which reports the volume as missing
 
     def _ranged(self, dest: Entry, source: Entry, volume_size: int) -> None:
         stream = member_stream(self._archive.repo, self._keys, source, volume_size)

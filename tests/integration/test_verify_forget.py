@@ -21,7 +21,7 @@ from agent.archive import Archive
 from agent.catalog import FILE, Entry
 from agent.repository import Repository
 from agent.state import CatalogCache
-from agent.storage import NotFound, open_storage
+from agent.storage import open_storage
 from broker.plan import Job, Retention
 from broker.snapshot import SnapshotRecord, catalog_name, record_name
 from tests.services import S3Credentials, SwiftCredentials
@@ -545,17 +545,10 @@ def test_forget_leaves_a_running_backups_objects_alone(local: Setup) -> None:
     del history
 
 
-# -- bugs found in code these actions build on (not ours to fix) -----------------------------
+# -- restore and backup behaviour that verify and forget depend on ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotFound,
-    reason="bug: run_restore lets storage NotFound escape (a missing volume aborts the whole "
-    "restore instead of being reported as an error while other files are restored): "
-    "_Restorer._guard catches CorruptVolume/ContentMismatch/UnsafePath/OSError, not NotFound",
-)
-def test_bug_restore_reports_a_missing_volume_and_restores_the_rest(
+def test_restore_reports_a_missing_volume_and_restores_the_rest(
     local: Setup, tmp_path: Path
 ) -> None:
     fill(local.source, 12, 60_000)
@@ -570,13 +563,7 @@ def test_bug_restore_reports_a_missing_volume_and_restores_the_rest(
     assert restored == others
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Repository.leftovers() treats every volume whose snapshot has no record as "
-    "garbage, so the next backup after a forget deletes volumes of forgotten snapshots that "
-    "kept incrementals still reference (their `references`): unchanged files are lost",
-)
-def test_bug_backup_after_forget_keeps_volumes_that_kept_snapshots_use(
+def test_a_backup_after_forget_keeps_volumes_that_kept_snapshots_use(
     local: Setup, tmp_path: Path
 ) -> None:
     history = four_snapshots(local)
@@ -589,14 +576,7 @@ def test_bug_backup_after_forget_keeps_volumes_that_kept_snapshots_use(
     assert restored_tree(local, tmp_path / "r3", at=three.id) == history.contents[2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: agent/volumes.py VolumeWriter.add pads every member by entry.size, also a "
-    "tar hard link member that carries no data (backup keeps the linked file's size on the "
-    "HARDLINK entry): the tar stream goes out of step, and every later member of the volume "
-    "is lost to a streamed restore (and to tar)",
-)
-def test_bug_members_after_a_tar_hard_link_restore(local: Setup, tmp_path: Path) -> None:
+def test_members_after_a_tar_hard_link_restore(local: Setup, tmp_path: Path) -> None:
     mixed_tree(local.source)
     local.backup()
     restore = run_restore(local.archive(), [str(local.source)], tmp_path / "out")

@@ -1,0 +1,703 @@
+"""The reading commands: `muster restore`, `ls`, `versions`, `find`, `verify` and `forget`.
+
+Like `agent.cli`, each command resolves its repository through `agent.context` (so on a
+node with a plan it needs no option, and from another machine `--repo URL --node NAME
+--identity KEY` works) and calls one action; this module decides what people and scripts
+see. Results go to stdout, progress, questions, warnings and errors to stderr.
+
+`muster restore` never replaces an existing file silently: files whose content already
+matches the backup are left alone, others are asked about one by one on a terminal, and
+refused without one unless `--overwrite` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import click
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from agent.actions.find import Match, run_find
+from agent.actions.ls import Listing, run_ls
+from agent.actions.restore import RestoreOutcome, _choose, absolute, run_restore
+from agent.actions.versions import Version, run_versions
+from agent.archive import Archive, NoSnapshot, under
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_entries, write_entries
+from agent.cli import human_size
+from agent.context import CommandError, RepoContext, repo_command
+from agent.when import BadWhen, parse_when
+from broker.snapshot import SnapshotRecord
+
+PROGRESS_MIN_BYTES = 4 << 20  # a restore this big (or with this many files) shows a bar
+PROGRESS_MIN_FILES = 100
+MAX_LISTED = 20  # refused files or errors named in a text summary; --json lists all
+READ_SIZE = 1 << 20
+
+
+def register_restore_commands(root: click.Group) -> None:
+    """Add restore, ls, versions, find, verify and forget to the `muster` group."""
+    for command in (restore_command, ls_command, versions_command, find_command):
+        root.add_command(command)
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+
+
+def interactive() -> bool:
+    """Whether a person can answer questions: stdin and stdout are both terminals."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _check_when(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_when(value)
+        except BadWhen as error:
+            raise click.BadParameter(str(error)) from None
+    return value
+
+
+at_option = click.option(
+    "--at",
+    metavar="WHEN",
+    callback=_check_when,
+    help="a snapshot id (or the start of one), a date ('2026-11-20', '2026-11-20 14:00', "
+    "local time), or '3 days ago': the last snapshot at that time [default: the latest]",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+
+
+@contextlib.contextmanager
+def lookup_errors() -> Iterator[None]:
+    """A snapshot or path that is not there is a failure of the command (exit 1)."""
+    try:
+        yield
+    except NoSnapshot as error:
+        raise CommandError(str(error)) from None
+    except BadWhen as error:
+        raise CommandError(f"--at: {error}", exit_code=2) from None
+
+
+class ReadOnce(Archive):
+    """The context's archive, fetching and decrypting each catalog at most once.
+
+    `muster restore` reads the catalogs it restores from twice (once to see what will be
+    written, once to write it), and a catalog other than the latest comes from storage.
+    Catalogs read from storage are kept, re-compressed, in a private temporary directory
+    that `close` removes.
+    """
+
+    def __init__(self, context: RepoContext) -> None:
+        super().__init__(context.repo, context.identities, context.cache)
+        self._local = context.cache
+        self._directory: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> ReadOnce:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
+
+    @contextlib.contextmanager
+    def entries(self, record: SnapshotRecord) -> Iterator[Iterator[Entry]]:
+        if self._local.path(record.id) is not None:  # already a local file
+            with super().entries(record) as entries:
+                yield entries
+            return
+        if self._directory is None:
+            self._directory = tempfile.TemporaryDirectory(prefix="muster-catalogs-")
+        kept = Path(self._directory.name, f"{record.id}.jsonl.zst")
+        if not kept.exists():
+            partial = kept.with_suffix(".tmp")
+            with super().entries(record) as entries, partial.open("wb") as out:
+                write_entries(entries, out, level=1)
+            partial.replace(kept)
+        with kept.open("rb") as stream:
+            yield read_entries(stream)
+
+
+def when(record: SnapshotRecord) -> str:
+    """A snapshot's start in local time, to the second."""
+    return record.started.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def local_mtime(entry: Entry) -> str:
+    return datetime.fromtimestamp(entry.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
+
+
+def iso_mtime(mtime_ns: int) -> str:
+    moment = datetime.fromtimestamp(mtime_ns // 1_000_000_000, UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def snapshot_json(record: SnapshotRecord) -> dict[str, Any]:
+    return {"id": record.id, "started": iso(record.started)}
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    """What a script may want of a catalog entry; where its data is stored is left out."""
+    return {
+        "path": entry.path,
+        "type": entry.type,
+        "mode": f"{entry.mode:04o}",
+        "user": entry.user,
+        "group": entry.group,
+        "uid": entry.uid,
+        "gid": entry.gid,
+        "size": entry.size,
+        "mtime": iso_mtime(entry.mtime_ns),
+        "link": entry.link,
+        "sha256": entry.sha256,
+    }
+
+
+def print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def table_console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # a pipe or file: no need to squeeze into 80 columns
+        console = Console(width=max(console.width, 200))
+    return console
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count:,} {word}{'s' * (count != 1)}"
+
+
+def listed(lines: list[str], limit: int = MAX_LISTED) -> list[str]:
+    """At most `limit` lines, indented, and how many more there are."""
+    shown = [f"  {line}" for line in lines[:limit]]
+    if len(lines) > limit:
+        shown.append(f"  ... and {len(lines) - limit} more (--json lists all)")
+    return shown
+
+
+# -- muster restore --------------------------------------------------------------------------
+
+
+@dataclass
+class RestorePlan:
+    """What a restore will write, learnt from the catalogs before anything is written."""
+
+    root: Path
+    snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)  # requested -> record
+    entries: dict[str, Entry] = field(default_factory=dict)  # catalog path -> entry (no dirs)
+    files: int = 0  # regular files the restore will write
+    bytes: int = 0
+    unchanged: set[str] = field(default_factory=set)  # already there, same content
+    conflicts: list[tuple[Entry, os.stat_result]] = field(default_factory=list)
+
+    def target(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+
+def plan_restore(
+    archive: Archive, paths: list[str], root: Path, at: str | None, existing: bool = True
+) -> RestorePlan:
+    """Choose the snapshots as `run_restore` does and, with `existing`, find what already
+    exists at the target: the backup's own content is unchanged, anything else conflicts."""
+    plan = RestorePlan(root)
+    wanted = list(dict.fromkeys(absolute(p) for p in paths))
+    chosen = _choose(archive, wanted, at, RestoreOutcome())
+    for record, record_paths in chosen:
+        plan.snapshots.update(dict.fromkeys(record_paths, record))
+        with archive.entries(record) as entries:
+            for entry in entries:
+                if entry.type != DIRECTORY and under(entry, record_paths):
+                    plan.entries[entry.path] = entry
+    plan.snapshots = {p: plan.snapshots[p] for p in wanted if p in plan.snapshots}
+    for entry in plan.entries.values():
+        if entry.type == FILE or (entry.type == HARDLINK and entry.link not in plan.entries):
+            plan.files += 1
+            plan.bytes += entry.size
+        if not existing:
+            continue
+        target = plan.target(entry.path)
+        try:
+            info = target.lstat()
+        except OSError:
+            continue
+        if _same(entry, target, info):
+            plan.unchanged.add(entry.path)
+        else:
+            plan.conflicts.append((entry, info))
+    return plan
+
+
+def _same(entry: Entry, target: Path, info: os.stat_result) -> bool:
+    """Whether what is at `target` is what the restore would put there (content only)."""
+    try:
+        if entry.type == SYMLINK:
+            return stat.S_ISLNK(info.st_mode) and os.readlink(target) == entry.link
+        if entry.type not in (FILE, HARDLINK) or not stat.S_ISREG(info.st_mode):
+            return False
+        if info.st_size != entry.size or entry.sha256 is None:
+            return False
+        digest = hashlib.sha256()
+        with target.open("rb") as stream:
+            while block := stream.read(READ_SIZE):
+                digest.update(block)
+        return digest.hexdigest() == entry.sha256
+    except OSError:
+        return False
+
+
+class Answers:
+    """Decides, for each existing file, whether the restore replaces it.
+
+    Files already holding the backup's content are left alone. With `overwrite`, all
+    others are replaced; on a terminal the person is asked about each (before anything
+    is written); otherwise each is refused, which the command reports as a failure.
+    """
+
+    CHOICES = ("y", "n", "a", "q")
+
+    def __init__(self, plan: RestorePlan, overwrite: bool, ask: bool) -> None:
+        self.plan = plan
+        self.overwrite = overwrite
+        self.decided: dict[str, bool] = {}
+        self.kept: list[str] = []  # declined on the terminal
+        self.refused: list[str] = []  # no terminal to ask on, no --overwrite
+        self.left: set[str] = set()  # every existing path the restore was told to leave
+        if ask and not overwrite and plan.conflicts:
+            self._ask()
+
+    def _ask(self) -> None:
+        conflicts = self.plan.conflicts
+        click.echo(
+            f"{plural(len(conflicts), 'existing file')} differ from the backup. For each: "
+            "y = replace it, n = keep it, a = replace it and all the others, "
+            "q = keep it and all the others",
+            err=True,
+        )
+        everything: bool | None = None
+        for entry, info in conflicts:
+            if everything is None:
+                answer = click.prompt(
+                    f"replace {self.plan.target(entry.path)} ({_describe_existing(info)}) "
+                    f"with the backup's {_describe_entry(entry)}?",
+                    type=click.Choice(self.CHOICES, case_sensitive=False),
+                    default="n",
+                    err=True,
+                ).lower()
+                if answer in ("a", "q"):
+                    everything = answer == "a"
+                replace = answer in ("y", "a")
+            else:
+                replace = everything
+            self.decided[entry.path] = replace
+            if not replace:
+                self.kept.append(entry.path)
+
+    def __call__(self, path: str) -> bool:
+        """The `Overwrite` callback of `run_restore`: called for paths that exist."""
+        if self.overwrite:
+            return True
+        if path in self.decided:
+            replace = self.decided[path]
+        elif path in self.plan.unchanged:
+            replace = False
+        else:
+            self.refused.append(path)  # not asked about: there was no terminal, or it is new
+            replace = False
+        if not replace:
+            self.left.add(path)
+        return replace
+
+
+def _describe_existing(info: os.stat_result) -> str:
+    if stat.S_ISDIR(info.st_mode):
+        return "a directory"
+    if stat.S_ISLNK(info.st_mode):
+        return "a symlink"
+    modified = datetime.fromtimestamp(info.st_mtime).strftime("%Y-%m-%d %H:%M")
+    return f"{human_size(info.st_size)}, modified {modified}"
+
+
+def _describe_entry(entry: Entry) -> str:
+    if entry.type == SYMLINK:
+        return f"symlink to {entry.link}"
+    return f"{human_size(entry.size)}, modified {local_mtime(entry)}"
+
+
+class RestoreProgress:
+    """A progress bar fed by `run_restore`'s callback (files written, bytes written)."""
+
+    INTERVAL = 0.1
+
+    def __init__(self, console: Console, files: int, total: int) -> None:
+        self._files_total = files
+        self._total = total
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]restoring"),
+            BarColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task = self._progress.add_task("restore", total=total or None, detail="")
+        self._started = time.monotonic()
+        self._shown = 0.0
+        self.files = 0
+        self.bytes = 0
+
+    def __enter__(self) -> RestoreProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def update(self, files: int, bytes_done: int) -> None:
+        self.files, self.bytes = files, bytes_done
+        now = time.monotonic()
+        if now - self._shown >= self.INTERVAL:
+            self._shown = now
+            self._progress.update(self._task, completed=bytes_done, detail=self.detail())
+
+    def detail(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        return (
+            f"{self.files:,}/{self._files_total:,} files  "
+            f"{human_size(self.bytes)}/{human_size(self._total)}  "
+            f"{human_size(self.bytes / elapsed)}/s"
+        )
+
+
+@click.command("restore")
+@repo_command()
+@click.argument("wanted", nargs=-1, required=True, metavar="PATH...")
+@at_option
+@click.option(
+    "--to",
+    "to",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="restore under DIR (DIR/etc/hosts for /etc/hosts), following no symlink in it "
+    "[default: in place]",
+)
+@click.option("--overwrite", is_flag=True, help="replace existing files without asking")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object; never asks")
+def restore_command(
+    context: RepoContext,
+    wanted: tuple[str, ...],
+    at: str | None,
+    to: Path | None,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Bring PATHs back from a snapshot: each from the newest snapshot that holds it, or
+    from the one --at names. Relative PATHs start at the current directory.
+
+    An existing file is never replaced silently. One whose content matches the backup is
+    left as it is; for the others, on a terminal you are asked file by file; without
+    one they are refused (and the command fails) unless --overwrite is given. Exits 0
+    only when everything asked for was restored.
+    """
+    root = Path(os.path.abspath(to)) if to else Path("/")
+    with lookup_errors(), ReadOnce(context) as archive:
+        plan = plan_restore(archive, list(wanted), root, at, existing=not overwrite)
+        answers = Answers(plan, overwrite, ask=not as_json and interactive())
+        stderr = Console(stderr=True)
+        large = plan.bytes >= PROGRESS_MIN_BYTES or plan.files >= PROGRESS_MIN_FILES
+        restore = {"at": at, "overwrite": answers, "strict": to is not None}
+        if as_json or not stderr.is_terminal or not large:
+            outcome = run_restore(archive, list(wanted), root, **restore)  # type: ignore[arg-type]
+        else:
+            with RestoreProgress(stderr, plan.files, plan.bytes) as progress:
+                outcome = run_restore(
+                    archive,
+                    list(wanted),
+                    root,
+                    progress=progress.update,
+                    **restore,  # type: ignore[arg-type]
+                )
+    _uncount_kept(outcome, plan, answers)
+    snapshots = {r.id: r for r in plan.snapshots.values()}
+    if as_json:
+        print_json(
+            {
+                "root": str(root),
+                "snapshots": {
+                    path: snapshot_json(snapshots[sid]) for path, sid in outcome.snapshots.items()
+                },
+                "files": outcome.files,
+                "bytes": outcome.bytes,
+                "unchanged": sorted(plan.unchanged),
+                "kept": answers.kept,
+                "refused": answers.refused,
+                "errors": outcome.errors,
+            }
+        )
+    else:
+        click.echo(restore_summary(outcome, plan, answers, context))
+    show_problems(outcome, answers, to is not None)
+    if outcome.errors or answers.refused:
+        raise SystemExit(1)
+
+
+def _uncount_kept(outcome: RestoreOutcome, plan: RestorePlan, answers: Answers) -> None:
+    """`run_restore` counts a file it was told not to replace as restored: take those out."""
+    for path in answers.left:
+        entry = plan.entries.get(path)
+        if entry is None:
+            continue
+        if entry.type == FILE or (entry.type == HARDLINK and entry.link not in plan.entries):
+            outcome.files = max(outcome.files - 1, 0)
+            outcome.bytes = max(outcome.bytes - entry.size, 0)
+
+
+def restore_summary(
+    outcome: RestoreOutcome, plan: RestorePlan, answers: Answers, context: RepoContext
+) -> str:
+    where = "in place" if plan.root == Path("/") else f"under {plan.root}"
+    lines = [f"restored {where} from {context.name} in {context.location}"]
+    width = max(len(p) for p in outcome.snapshots) if outcome.snapshots else 0
+    by_id = {r.id: r for r in plan.snapshots.values()}
+    for path, sid in outcome.snapshots.items():
+        lines.append(f"  {path:<{width}}  from {sid} ({when(by_id[sid])})")
+    lines.append(f"  files      {outcome.files:,} ({human_size(outcome.bytes)})")
+    if plan.unchanged:
+        lines.append(f"  unchanged  {len(plan.unchanged):,} (already as in the backup, left alone)")
+    if answers.kept:
+        lines.append(f"  kept       {len(answers.kept):,} existing (you chose to keep them)")
+    if answers.refused:
+        lines.append(f"  refused    {len(answers.refused):,} existing (on stderr)")
+    lines.append(f"  errors     {len(outcome.errors):,}" + (" (on stderr)" * bool(outcome.errors)))
+    return "\n".join(lines)
+
+
+def show_problems(outcome: RestoreOutcome, answers: Answers, elsewhere: bool) -> None:
+    lines: list[str] = []
+    if answers.refused:
+        lines.append(
+            f"refused to replace {plural(len(answers.refused), 'existing file')} "
+            "(no terminal to ask on):"
+        )
+        lines += listed(answers.refused)
+        hint = "pass --overwrite to replace them"
+        lines.append(hint + ("" if elsewhere else ", or --to DIR to restore somewhere else"))
+    if outcome.errors:
+        lines.append(f"{plural(len(outcome.errors), 'error')}:")
+        lines += listed(outcome.errors)
+        lines.append(
+            "what next: a file that does not match its sha256 or a volume that cannot be read "
+            "means damaged storage: `muster verify --all` checks the snapshot, and --at "
+            "restores an older version (`muster versions PATH` lists them); a permission "
+            "error means restoring as a user who may write there, or with --to DIR"
+        )
+    for line in lines:
+        click.echo(line, err=True)
+
+
+# -- muster ls -------------------------------------------------------------------------------
+
+
+@click.command("ls")
+@repo_command()
+@click.argument("path", required=False, default="/")
+@at_option
+@json_option
+def ls_command(context: RepoContext, path: str, at: str | None, as_json: bool) -> None:
+    """List one directory of a snapshot, like `ls -l` [default PATH: /]. Directories that
+    only lead to backed-up paths are listed too, with unknown details."""
+    with lookup_errors(), ReadOnce(context) as archive:
+        listing = run_ls(archive, path, at)
+        alone = None
+        if not listing.entries and not listing.implied:
+            alone = _lookup(archive, listing.snapshot, listing.directory)
+            if alone is None:
+                raise NoSnapshot(
+                    f"nothing at {listing.directory} in snapshot {listing.snapshot.id}; "
+                    "`muster find NAME` searches every snapshot"
+                )
+    rows = _ls_rows(listing, alone)
+    if as_json:
+        print_json(
+            {
+                "snapshot": snapshot_json(listing.snapshot),
+                "directory": listing.directory,
+                "entries": rows,
+            }
+        )
+        return
+    snapshot = listing.snapshot
+    click.echo(f"{listing.directory} in {context.name}, snapshot {snapshot.id} ({when(snapshot)})")
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("mode", no_wrap=True)
+    table.add_column("owner", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("modified", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    for row in rows:
+        table.add_row(*_ls_cells(row))
+    table_console().print(table)
+
+
+def _lookup(archive: Archive, record: SnapshotRecord, path: str) -> Entry | None:
+    with archive.entries(record) as entries:
+        return next((e for e in entries if e.path == path), None)
+
+
+def _ls_rows(listing: Listing, alone: Entry | None) -> list[dict[str, Any]]:
+    """Children (or the one entry PATH names), implied directories among them, by name."""
+    prefix = listing.directory.rstrip("/") + "/"
+    rows: list[dict[str, Any]] = []
+    if alone is not None and alone.type != DIRECTORY:
+        rows.append({"name": alone.path.rsplit("/", 1)[-1], "implied": False, **entry_json(alone)})
+    for entry in listing.entries:
+        rows.append({"name": entry.path[len(prefix) :], "implied": False, **entry_json(entry)})
+    for name in listing.implied:
+        rows.append({"name": name, "path": prefix + name, "type": DIRECTORY, "implied": True})
+    return sorted(rows, key=lambda row: row["name"])
+
+
+_TYPE_BITS = {FILE: stat.S_IFREG, HARDLINK: stat.S_IFREG, DIRECTORY: stat.S_IFDIR}
+
+
+def _ls_cells(row: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    if row["implied"]:
+        return "d?????????", "", "", "", row["name"] + "/"
+    kind = row["type"]
+    mode = stat.filemode(_TYPE_BITS.get(kind, stat.S_IFLNK) | int(row["mode"], 8))
+    owner = f"{row['user'] or row['uid']}:{row['group'] or row['gid']}"
+    size = "" if kind in (DIRECTORY, SYMLINK) else human_size(row["size"])
+    modified = datetime.fromisoformat(row["mtime"]).astimezone().strftime("%Y-%m-%d %H:%M")
+    name = row["name"]
+    if kind == DIRECTORY:
+        name += "/"
+    elif kind == SYMLINK:
+        name += f" -> {row['link']}"
+    elif kind == HARDLINK:
+        name += f" (hard link to {row['link']})"
+    return mode, owner, size, modified, name
+
+
+# -- muster versions -------------------------------------------------------------------------
+
+
+@click.command("versions")
+@repo_command()
+@click.argument("path")
+@json_option
+def versions_command(context: RepoContext, path: str, as_json: bool) -> None:
+    """Every distinct version of PATH across the job's snapshots, oldest first: when each
+    was first and last seen. `muster restore PATH --at ID` brings one back."""
+    with lookup_errors():
+        versions = run_versions(Archive(context.repo, context.identities, context.cache), path)
+    if as_json:
+        print_json([_version_json(version) for version in versions])
+    if not versions:
+        raise CommandError(
+            f"{absolute(path)} is in no snapshot of {context.name}; `muster find NAME` "
+            "searches by name"
+        )
+    if as_json:
+        return
+    click.echo(f"{plural(len(versions), 'version')} of {absolute(path)} in {context.name}")
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("first seen", "last seen"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("modified", no_wrap=True)
+    table.add_column("sha256", no_wrap=True)
+    table.add_column("type", overflow="fold")
+    for version in versions:
+        entry = version.entry
+        kind = entry.type + (f" -> {entry.link}" if entry.link else "")
+        table.add_row(
+            f"{when(version.first_seen)}\n{version.first_seen.id}",
+            f"{when(version.last_seen)}\n{version.last_seen.id}",
+            "" if entry.type == DIRECTORY else human_size(entry.size),
+            local_mtime(entry),
+            entry.sha256[:12] if entry.sha256 else "",
+            kind,
+        )
+    table_console().print(table)
+
+
+def _version_json(version: Version) -> dict[str, Any]:
+    return {
+        "first_seen": snapshot_json(version.first_seen),
+        "last_seen": snapshot_json(version.last_seen),
+        **entry_json(version.entry),
+    }
+
+
+# -- muster find -----------------------------------------------------------------------------
+
+
+@click.command("find")
+@repo_command()
+@click.argument("pattern")
+@json_option
+def find_command(context: RepoContext, pattern: str, as_json: bool) -> None:
+    """Search every snapshot for PATTERN, a shell wildcard ('*.conf', 'hosts'): matched
+    against names, or against whole paths when it holds a '/' ('/etc/*/*.conf')."""
+    with lookup_errors():
+        matches = run_find(Archive(context.repo, context.identities, context.cache), pattern)
+    if as_json:
+        print_json([_match_json(match) for match in matches])
+        return
+    if not matches:
+        hint = "" if "*" in pattern or "/" in pattern else f"; for part of a name: '*{pattern}*'"
+        click.echo(f"nothing matches {pattern!r} in {context.name}{hint}", err=True)
+        return
+    click.echo(f"{plural(len(matches), 'path')} matching {pattern!r} in {context.name}")
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("path", overflow="fold")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("first seen", no_wrap=True)
+    table.add_column("last seen", no_wrap=True)
+    for match in matches:
+        entry = match.entry
+        name = entry.path + ("/" if entry.type == DIRECTORY else "")
+        table.add_row(
+            name,
+            "" if entry.type == DIRECTORY else human_size(entry.size),
+            f"{when(match.first_seen)} {match.first_seen.id}",
+            f"{when(match.last_seen)} {match.last_seen.id}",
+        )
+    table_console().print(table)
+
+
+def _match_json(match: Match) -> dict[str, Any]:
+    return {
+        **entry_json(match.entry),
+        "first_seen": snapshot_json(match.first_seen),
+        "last_seen": snapshot_json(match.last_seen),
+    }
