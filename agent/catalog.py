@@ -12,7 +12,7 @@ sorted directories produces them, so catalogs can be merged as streams.
 import io
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import zstandard
@@ -50,6 +50,7 @@ class Entry:
     link: str | None = None
     sha256: str | None = None
     location: Location | None = None
+    line: bytes | None = field(default=None, compare=False, repr=False)  # as read, if unchanged
 
     @property
     def key(self) -> bytes:
@@ -80,16 +81,35 @@ def sort_key(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape").replace(b"/", b"\0")
 
 
-_LOCATION_FIELDS = [f.name for f in fields(Location)]
-
-
 def encode_line(entry: Entry) -> bytes:
-    data = asdict(entry)
-    location = data.pop("location")
-    data["mode"] = f"{entry.mode:04o}"
-    data = {key: value for key, value in data.items() if value is not None}
-    if location:
-        data.update(location)
+    """The catalog line; an entry read from a catalog and kept as is reuses its bytes."""
+    if entry.line is not None:
+        return entry.line
+    data: dict[str, object] = {
+        "path": entry.path,
+        "type": entry.type,
+        "mode": f"{entry.mode:04o}",
+        "uid": entry.uid,
+        "gid": entry.gid,
+        "user": entry.user,
+        "group": entry.group,
+        "mtime_ns": entry.mtime_ns,
+        "ctime_ns": entry.ctime_ns,
+        "inode": entry.inode,
+        "size": entry.size,
+    }
+    if entry.link is not None:
+        data["link"] = entry.link
+    if entry.sha256 is not None:
+        data["sha256"] = entry.sha256
+    if (where := entry.location) is not None:
+        data.update(
+            volume=where.volume,
+            frame=where.frame,
+            chunk=where.chunk,
+            skip=where.skip,
+            span=where.span,
+        )
     return json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n"
 
 
@@ -97,9 +117,15 @@ def decode_line(line: bytes) -> Entry:
     data = json.loads(line.decode("utf-8", "surrogateescape"))
     location = None
     if "volume" in data:
-        location = Location(**{name: data.pop(name) for name in _LOCATION_FIELDS})
+        location = Location(
+            data.pop("volume"),
+            data.pop("frame"),
+            data.pop("chunk"),
+            data.pop("skip"),
+            data.pop("span"),
+        )
     data["mode"] = int(data["mode"], 8)
-    return Entry(**data, location=location)
+    return Entry(**data, location=location, line=line)
 
 
 def read_entries(compressed: BinaryIO) -> Iterator[Entry]:

@@ -122,12 +122,16 @@ class _Previous:
 
     def __init__(self, entries: Iterator[Entry]) -> None:
         self._entries = entries
-        self._next = next(entries, None)
+        self._advance()
+
+    def _advance(self) -> None:
+        self._next = next(self._entries, None)
+        self._key = self._next.key if self._next is not None else None
 
     def find(self, key: bytes) -> Entry | None:
-        while self._next is not None and self._next.key < key:
-            self._next = next(self._entries, None)
-        return self._next if self._next is not None and self._next.key == key else None
+        while self._key is not None and self._key < key:
+            self._advance()
+        return self._next if self._key == key else None
 
 
 class _Catalog:
@@ -148,11 +152,16 @@ class _Catalog:
         self._zstd = zstandard.ZstdCompressor(level=3).stream_writer(
             _Tee(self._encryptor, self._local), closefd=False
         )
+        self._lines = bytearray()
 
     def write(self, entry: Entry) -> None:
-        self._zstd.write(encode_line(entry))
+        self._lines += encode_line(entry)
+        if len(self._lines) >= 1 << 18:  # one compressor call per 256 KiB, not per line
+            self._zstd.write(self._lines)
+            self._lines.clear()
 
     def close(self) -> ObjectInfo:
+        self._zstd.write(self._lines)
         self._zstd.close()
         self._encryptor.close()
         self._local.flush()
@@ -233,9 +242,7 @@ class _Run:
             entry = _entry(found)
             before = previous.find(entry.key)
             if before is not None and before.location and entry.unchanged_since(before):
-                entry.type, entry.link = before.type, before.link
-                entry.sha256, entry.location = before.sha256, before.location
-                change = "unchanged"
+                entry, change = before, "unchanged"  # its catalog line is reused as is
             elif self._store(entry, found):
                 change = "new" if before is None else "changed"
             else:
@@ -257,7 +264,9 @@ class _Run:
         if entry.type == DIRECTORY:
             self.tally["directories"] += 1
         elif entry.type in (FILE, HARDLINK):
-            self.tally.update({"files": 1, "bytes": entry.size, f"files_{change}": 1})
+            self.tally["files"] += 1
+            self.tally["bytes"] += entry.size
+            self.tally[f"files_{change}"] += 1
             if change == "unchanged":
                 self._bytes_done += entry.size
             self._files_done += 1
