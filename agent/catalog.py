@@ -50,7 +50,8 @@ class Entry:
     link: str | None = None
     sha256: str | None = None
     location: Location | None = None
-    line: bytes | None = field(default=None, compare=False, repr=False)  # as read, if unchanged
+    # The line this entry was read from: written back as is. Clear it when changing a field.
+    line: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> bytes:
