@@ -78,7 +78,7 @@ class Fleet:
     """All test servers sharing one state dir (default .services/run, or MUSTER_SERVICES_DIR)."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root or state_dir()
+        self.root = (root or state_dir()).resolve()
         self.servers = {name: cls(self.root) for name, cls in SERVER_CLASSES.items()}
 
     def select(self, names: Iterable[str] = ()) -> list[Server]:
