@@ -12,7 +12,7 @@ sorted directories produces them, so catalogs can be merged as streams.
 import io
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import zstandard
@@ -50,8 +50,6 @@ class Entry:
     link: str | None = None
     sha256: str | None = None
     location: Location | None = None
-    # The line this entry was read from: written back as is. Clear it when changing a field.
-    line: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> bytes:
@@ -83,9 +81,6 @@ def sort_key(path: str) -> bytes:
 
 
 def encode_line(entry: Entry) -> bytes:
-    """The catalog line; an entry read from a catalog and kept as is reuses its bytes."""
-    if entry.line is not None:
-        return entry.line
     data: dict[str, object] = {
         "path": entry.path,
         "type": entry.type,
@@ -126,14 +121,19 @@ def decode_line(line: bytes) -> Entry:
             data.pop("span"),
         )
     data["mode"] = int(data["mode"], 8)
-    return Entry(**data, location=location, line=line)
+    return Entry(**data, location=location)
+
+
+def read_lines(compressed: BinaryIO) -> Iterator[tuple[Entry, bytes]]:
+    """Stream (entry, its line) from zstd-compressed catalog lines, one at a time; the
+    line lets an unchanged entry be written to the next catalog without re-encoding."""
+    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    for line in io.BufferedReader(reader, 1 << 16):  # type: ignore[arg-type]
+        yield decode_line(line), line
 
 
 def read_entries(compressed: BinaryIO) -> Iterator[Entry]:
-    """Stream entries from zstd-compressed catalog lines, one line in memory at a time."""
-    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
-    for line in io.BufferedReader(reader, 1 << 16):  # type: ignore[arg-type]
-        yield decode_line(line)
+    return (entry for entry, _ in read_lines(compressed))
 
 
 def write_entries(entries: Iterable[Entry], sink: BinaryIO, level: int = 3) -> int:

@@ -21,7 +21,7 @@ from typing import BinaryIO
 import zstandard
 
 from agent import age
-from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_entries
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_lines
 from agent.repository import Repository
 from agent.state import CatalogCache
 from agent.tarheader import DIRECTORY as TAR_DIRECTORY
@@ -77,7 +77,7 @@ def run_backup(
     recipients = recipients_for(job, identity)
     run = _Run(job, repo, snapshot_id, recipients, cache, progress)
     with contextlib.ExitStack() as stack:
-        previous = iter(()) if full else _previous_entries(repo, parent, cache, identity, stack)
+        previous = iter(()) if full else _previous_lines(repo, parent, cache, identity, stack)
         catalog = run.execute(previous)
     record = SnapshotRecord(
         id=snapshot_id,
@@ -103,32 +103,32 @@ def run_backup(
     return BackupOutcome(record, run.warnings)
 
 
-def _previous_entries(
+def _previous_lines(
     repo: Repository,
     parent: SnapshotRecord,
     cache: CatalogCache,
     identity: age.Identity,
     stack: contextlib.ExitStack,
-) -> Iterator[Entry]:
+) -> Iterator[tuple[Entry, bytes]]:
     cached = cache.path(parent.id)
     if cached is not None:
-        return read_entries(stack.enter_context(cached.open("rb")))
+        return read_lines(stack.enter_context(cached.open("rb")))
     encrypted = stack.enter_context(repo.get(catalog_name(parent.id)))
-    return read_entries(stack.enter_context(age.Decryptor(encrypted, [identity])))
+    return read_lines(stack.enter_context(age.Decryptor(encrypted, [identity])))
 
 
 class _Previous:
-    """The previous catalog as a stream, advanced in step with the walk."""
+    """The previous catalog as a stream of (entry, line), advanced in step with the walk."""
 
-    def __init__(self, entries: Iterator[Entry]) -> None:
-        self._entries = entries
+    def __init__(self, lines: Iterator[tuple[Entry, bytes]]) -> None:
+        self._lines = lines
         self._advance()
 
     def _advance(self) -> None:
-        self._next = next(self._entries, None)
-        self._key = self._next.key if self._next is not None else None
+        self._next = next(self._lines, None)
+        self._key = self._next[0].key if self._next is not None else None
 
-    def find(self, key: bytes) -> Entry | None:
+    def find(self, key: bytes) -> tuple[Entry, bytes] | None:
         while self._key is not None and self._key < key:
             self._advance()
         return self._next if self._key == key else None
@@ -154,8 +154,8 @@ class _Catalog:
         )
         self._lines = bytearray()
 
-    def write(self, entry: Entry) -> None:
-        self._lines += encode_line(entry)
+    def write(self, line: bytes) -> None:
+        self._lines += line
         if len(self._lines) >= 1 << 18:  # one compressor call per 256 KiB, not per line
             self._zstd.write(self._lines)
             self._lines.clear()
@@ -207,12 +207,12 @@ class _Run:
         self.warnings: list[str] = []
         self.referenced: set[str] = set()
         self.volumes: VolumeWriter
-        self._ordered: deque[Entry] = deque()
+        self._ordered: deque[tuple[Entry, bytes | None]] = deque()
         self._links: dict[tuple[int, int], tuple[Entry, int]] = {}
         self._files_done = 0
         self._bytes_done = 0
 
-    def execute(self, previous: Iterator[Entry]) -> ObjectInfo:
+    def execute(self, previous: Iterator[tuple[Entry, bytes]]) -> ObjectInfo:
         sources = self.job.sources
         walk = Walk(sources.paths, sources.excludes, sources.one_file_system)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool:
@@ -240,25 +240,27 @@ class _Run:
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
         for found in walk:
             entry = _entry(found)
-            before = previous.find(entry.key)
+            line = None
+            match = previous.find(entry.key)
+            before = match[0] if match else None
             if before is not None and before.location and entry.unchanged_since(before):
-                entry, change = before, "unchanged"  # its catalog line is reused as is
+                entry, line, change = before, match[1], "unchanged"  # its line, as it was
             elif self._store(entry, found):
                 change = "new" if before is None else "changed"
             else:
                 continue
             self._count(entry, change)
-            self._ordered.append(entry)
+            self._ordered.append((entry, line))
             self._emit_located(catalog)
         self.volumes.finish_volume()
         self._emit_located(catalog)
 
     def _emit_located(self, catalog: _Catalog) -> None:
         """Catalog lines leave in walk order, each once its member has a location."""
-        while self._ordered and self._ordered[0].location is not None:
-            entry = self._ordered.popleft()
+        while self._ordered and self._ordered[0][0].location is not None:
+            entry, line = self._ordered.popleft()
             self.referenced.add(entry.location.volume)  # type: ignore[union-attr]
-            catalog.write(entry)
+            catalog.write(line or encode_line(entry))
 
     def _count(self, entry: Entry, change: str) -> None:
         if entry.type == DIRECTORY:

@@ -386,7 +386,7 @@ def test_a_member_that_is_not_the_catalogs_file_is_refused(tmp_path):
         entries = list(stream)
     a = next(e for e in entries if e.path.endswith("/a"))
     b = next(e for e in entries if e.path.endswith("/b"))
-    forged = dataclasses.replace(a, location=b.location, sha256=b.sha256, line=None)
+    forged = dataclasses.replace(a, location=b.location, sha256=b.sha256)
     forge_catalog(node, record.id, [forged if e is a else e for e in entries])
     node.cache = CatalogCache(tmp_path / "cold", "cold")
     outcome = node.restore(tmp_path / "out", [forged.path])
