@@ -15,6 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import BinaryIO
 
@@ -37,6 +38,7 @@ from broker.snapshot import (
     SnapshotStats,
     catalog_name,
     new_snapshot_id,
+    snapshot_of,
 )
 from broker.types import utcnow
 
@@ -73,6 +75,8 @@ def run_backup(
     parent = history[-1] if history else None
     full = parent is None or parent.chain + 1 >= job.full_every
     started = utcnow()
+    if parent is not None and started <= parent.started:  # a clock that stepped back
+        started = parent.started + timedelta(microseconds=1)
     snapshot_id = new_snapshot_id(started)
     recipients = recipients_for(job, identity)
     run = _Run(job, repo, snapshot_id, recipients, cache, progress)
@@ -91,7 +95,7 @@ def run_backup(
         paths=list(job.sources.paths),
         catalog=catalog,
         volumes=run.volumes.finished,
-        references=sorted(run.referenced - {v.name for v in run.volumes.finished}),
+        references=_oldest_first(run.referenced - {v.name for v in run.volumes.finished}, history),
         recipients=[str(r) for r in recipients],
         stats=SnapshotStats(
             **run.tally, bytes_stored=catalog.size + sum(v.size for v in run.volumes.finished)
@@ -101,6 +105,15 @@ def run_backup(
     repo.commit(record)
     cache.commit(snapshot_id)
     return BackupOutcome(record, run.warnings)
+
+
+def _oldest_first(volumes: set[str], history: list[SnapshotRecord]) -> list[str]:
+    """References in the order their snapshots were taken, so that extracting them in
+    record order leaves the newest version of each file (volumes of forgotten snapshots,
+    which have no record left, are older than every record)."""
+    started = {record.id: record.started for record in history}
+    oldest = datetime.min.replace(tzinfo=UTC)
+    return sorted(volumes, key=lambda name: (started.get(snapshot_of(name) or "", oldest), name))
 
 
 def _previous_lines(
@@ -311,7 +324,10 @@ class _Run:
         if found.stat.st_nlink < 2:
             return False
         first = self._links.get((found.stat.st_dev, found.stat.st_ino))
-        in_this_volume = first is not None and first[1] == self.volumes.volume_number
+        # 0 means no open volume: the first name was closed into a volume of its own
+        in_this_volume = (
+            first is not None and first[1] != 0 and first[1] == (self.volumes.volume_number)
+        )
         if not in_this_volume or self.volumes.is_full or first[0].sha256 is None:
             return False
         target = first[0]
