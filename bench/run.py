@@ -114,6 +114,7 @@ class Runner:
         ok_codes: tuple[int, ...] = (0,),
     ) -> Sample:
         self.count += 1
+        os.sync()  # untimed: no tool pays for the writeback of the one before it
         stem = self.logs / f"{self.count:04d}-{name}"
         timing = stem.with_suffix(".time")
         argv = ["/usr/bin/time", "-f", "%M", "-o", str(timing), *argv]
@@ -357,7 +358,8 @@ class Bench:
             script = (
                 f"set -o pipefail; tar -cf - -C {shlex.quote(str(self.data.parent))} "
                 f"{shlex.quote(self.data.name)} | zstd -q -T0 -3 | "
-                f"age -r {shlex.quote(self.recipient())} > {shlex.quote(str(out))}"
+                f"age -r {shlex.quote(self.recipient())} > {shlex.quote(str(out))} && "
+                f"sync {shlex.quote(str(out))}"  # durable, as the backup tools make theirs
             )
             return self.runner.measure(f"plain-{scenario}", ["bash", "-c", script])
         if tool == "muster":
@@ -983,6 +985,10 @@ def render(bench: Bench) -> str:
         "runs it; peak memory is its maximum RSS (for the pipeline: of its largest process).",
         "- Muster runs through `python -m bench.muster_step`, which calls `run_backup`, "
         "`run_restore` and `run_verify` and counts what it reads through the Repository.",
+        "- Before every timed step the runner calls `sync` (untimed), so no tool pays for "
+        "the writeback of the one before it. Backups are timed until their data is durable: "
+        "Muster, restic and borg fsync what they write, and the plain pipeline ends with "
+        "`sync FILE`. Restores are timed without a final sync, for every tool.",
         "- The plain pipeline is `tar -cf - data | zstd -T0 -3 | age -r KEY > FILE` and "
         "`age -d | zstd -d | tar -x` back (one file: `tar -x PATH`, which still reads the "
         "whole stream).",
