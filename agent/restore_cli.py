@@ -13,6 +13,7 @@ refused without one unless `--overwrite` is given.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,15 +35,20 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRe
 from rich.table import Table
 
 from agent.actions.find import Match, run_find
+from agent.actions.forget import ForgetOutcome, run_forget
 from agent.actions.ls import Listing, run_ls
 from agent.actions.restore import RestoreOutcome, _choose, absolute, run_restore
+from agent.actions.verify import VerifyOutcome, run_verify
 from agent.actions.versions import Version, run_versions
 from agent.archive import Archive, NoSnapshot, under
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_entries, write_entries
-from agent.cli import human_size
-from agent.context import CommandError, RepoContext, repo_command
+from agent.cli import human_duration, human_size
+from agent.context import CommandError, RepoContext, repo_command, repository_key
+from agent.retention import POLICY_EMPTY
 from agent.when import BadWhen, parse_when
+from broker.plan import Retention
 from broker.snapshot import SnapshotRecord
+from broker.types import parse_duration
 
 PROGRESS_MIN_BYTES = 4 << 20  # a restore this big (or with this many files) shows a bar
 PROGRESS_MIN_FILES = 100
@@ -52,7 +58,14 @@ READ_SIZE = 1 << 20
 
 def register_restore_commands(root: click.Group) -> None:
     """Add restore, ls, versions, find, verify and forget to the `muster` group."""
-    for command in (restore_command, ls_command, versions_command, find_command):
+    for command in (
+        restore_command,
+        ls_command,
+        versions_command,
+        find_command,
+        verify_command,
+        forget_command,
+    ):
         root.add_command(command)
 
 
@@ -700,4 +713,196 @@ def _match_json(match: Match) -> dict[str, Any]:
         **entry_json(match.entry),
         "first_seen": snapshot_json(match.first_seen),
         "last_seen": snapshot_json(match.last_seen),
+    }
+
+
+# -- muster verify ---------------------------------------------------------------------------
+
+
+def _check_duration(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = int(parse_duration(value))
+    except ValueError:
+        raise click.BadParameter(
+            f"not a duration: {value!r} (use e.g. 90, '30s', '15m', '1h30m')"
+        ) from None
+    if seconds <= 0:
+        raise click.BadParameter("a duration above zero, e.g. '15m'")
+    return float(seconds)
+
+
+@click.command("verify")
+@repo_command()
+@click.option(
+    "--snapshot",
+    metavar="ID",
+    callback=_check_when,
+    help="the snapshot to test: an id or the start of one, or a time as for --at "
+    "[default: the latest]",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="restore N files, spread over the volumes tested least recently "
+    "[default: the job's restore_test.sample]",
+)
+@click.option(
+    "--all", "everything", is_flag=True, help="restore every file, and check every volume's sha256"
+)
+@click.option(
+    "--max-duration",
+    metavar="D",
+    callback=_check_duration,
+    help="stop picking volumes after D ('15m', '1h') [default: the job's "
+    "restore_test.max_duration, else none]",
+)
+@json_option
+def verify_command(
+    context: RepoContext,
+    snapshot: str | None,
+    sample: int | None,
+    everything: bool,
+    max_duration: float | None,
+    as_json: bool,
+) -> None:
+    """Test-restore files of a snapshot into a temporary directory, through the code that
+    restores, and check each against its sha256. Each run tests the volumes tested least
+    recently, so successive runs cover them all. Exits 1 if anything failed."""
+    if everything and sample is not None:
+        raise click.UsageError("--sample and --all exclude each other")
+    test = context.job.restore_test
+    if max_duration is None and test.max_duration:
+        max_duration = float(test.max_duration)
+    archive = Archive(context.repo, context.identities, context.cache)
+    key = repository_key(context.job.storage, context.node, context.job.name)
+    stderr = Console(stderr=True)
+    options: dict[str, Any] = {
+        "snapshot": snapshot,
+        "sample": None if everything else sample or test.sample,
+        "all": everything,
+        "max_duration": max_duration,
+        "repository_key": key,
+    }
+    with lookup_errors():
+        if as_json or not stderr.is_terminal:
+            outcome = run_verify(archive, context.state_dir, **options)
+        else:
+            with stderr.status(f"verifying {context.name} in {context.location}"):
+                outcome = run_verify(archive, context.state_dir, **options)
+    if as_json:
+        print_json({**dataclasses.asdict(outcome), "ok": outcome.ok})
+    else:
+        click.echo(verify_summary(outcome, context))
+    if not outcome.ok:
+        lines = [f"{plural(len(outcome.failures), 'failure')}:"]
+        lines += [f"  {failure}" for failure in outcome.failures]
+        lines.append(
+            "what next: the files named cannot be restored from this snapshot. A volume "
+            "missing or changed in storage was deleted or altered there: check the "
+            "storage, restore the files from another snapshot that holds them (`muster "
+            "versions PATH`), and run `muster verify --all` to see every damaged volume"
+        )
+        for line in lines:
+            click.echo(line, err=True)
+        raise SystemExit(1)
+
+
+def verify_summary(outcome: VerifyOutcome, context: RepoContext) -> str:
+    verdict = "ok" if outcome.ok else "FAILED"
+    lines = [
+        f"verify of snapshot {outcome.snapshot} of {context.name} in {context.location}: {verdict}",
+        f"  files     {outcome.files_checked:,} checked ({human_size(outcome.bytes_checked)}), "
+        f"{outcome.files_failed:,} failed",
+        f"  volumes   {len(outcome.volumes_tested):,} tested",
+        f"  coverage  {outcome.coverage:.0%} of the snapshot's volumes have passed a test",
+        f"  took      {human_duration(outcome.duration)}",
+    ]
+    if outcome.stopped:
+        lines.append("  stopped   at --max-duration, before everything chosen was tested")
+    return "\n".join(lines)
+
+
+# -- muster forget ---------------------------------------------------------------------------
+
+
+@click.command("forget")
+@repo_command(identity_required=False)
+@click.option("--dry-run", is_flag=True, help="show what would go, delete nothing")
+@json_option
+def forget_command(context: RepoContext, dry_run: bool, as_json: bool) -> None:
+    """Forget the snapshots the job's retention no longer keeps, and delete the data no
+    kept snapshot uses. Reads only plain records: no key needed."""
+    retention = context.job.retention
+    if retention == Retention():
+        records = context.repo.snapshots()
+        if as_json:
+            reasons = {record.id: [POLICY_EMPTY] for record in records}
+            empty = ForgetOutcome(records, reasons=reasons, dry_run=dry_run)
+            print_json(_forget_json(empty, retention))
+            return
+        advice = (
+            "set keep_daily, keep_weekly and the like in the job's retention to forget old "
+            "snapshots"
+            if context.plan
+            else "an ad hoc job (--repo) has no retention: use the node's plan"
+        )
+        click.echo(
+            f"nothing forgotten: every keep_* rule of {context.name}'s retention is 0, which "
+            f"keeps every snapshot ({len(records):,} kept); {advice}"
+        )
+        return
+    outcome = run_forget(context.repo, retention, dry_run)
+    if as_json:
+        print_json(_forget_json(outcome, retention))
+        return
+    if not outcome.kept and not outcome.forgotten:
+        click.echo(f"no snapshots of {context.name} in {context.location} yet", err=True)
+    else:
+        table_console().print(forget_table(outcome))
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{len(outcome.forgotten):,} of {len(outcome.kept) + len(outcome.forgotten):,} "
+        f"snapshots {'would be ' if dry_run else ''}forgotten; {verb} "
+        f"{plural(len(outcome.deleted_objects), 'object')}, "
+        f"{'freeing' if dry_run else 'freed'} {human_size(outcome.freed_bytes)}"
+        + (" (dry run: nothing was deleted)" if dry_run else "")
+    )
+
+
+def forget_table(outcome: ForgetOutcome) -> Table:
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("id", no_wrap=True)
+    table.add_column("time", no_wrap=True)
+    table.add_column("files", justify="right")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    rows = [(r, True) for r in outcome.kept] + [(r, False) for r in outcome.forgotten]
+    for record, kept in sorted(rows, key=lambda row: (row[0].started, row[0].id)):
+        table.add_row(
+            record.id,
+            when(record),
+            f"{record.stats.files:,}",
+            human_size(record.stats.bytes),
+            "keep" if kept else "forget",
+            ", ".join(outcome.reasons.get(record.id, [])) if kept else "",
+        )
+    return table
+
+
+def _forget_json(outcome: ForgetOutcome, retention: Retention) -> dict[str, Any]:
+    return {
+        "dry_run": outcome.dry_run,
+        "retention": retention.model_dump(mode="json"),
+        "kept": [
+            {**snapshot_json(r), "reasons": outcome.reasons.get(r.id, [])} for r in outcome.kept
+        ],
+        "forgotten": [snapshot_json(r) for r in outcome.forgotten],
+        "deleted_objects": outcome.deleted_objects,
+        "freed_bytes": outcome.freed_bytes,
     }
