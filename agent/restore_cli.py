@@ -217,18 +217,27 @@ def listed(lines: list[str], limit: int = MAX_LISTED) -> list[str]:
 
 @dataclass
 class RestorePlan:
-    """What a restore will write, learnt from the catalogs before anything is written."""
+    """What a restore will write, learnt from the catalogs before anything is written.
+
+    Only what already exists at the target is kept entry by entry, so that planning the
+    restore of a whole machine to an empty directory costs no memory per file."""
 
     root: Path
     snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)  # requested -> record
-    entries: dict[str, Entry] = field(default_factory=dict)  # catalog path -> entry (no dirs)
-    files: int = 0  # regular files the restore will write
+    files: int = 0  # regular files the restore will write (hard links to them aside)
     bytes: int = 0
+    existing: dict[str, Entry] = field(default_factory=dict)  # catalog path -> entry
     unchanged: set[str] = field(default_factory=set)  # already there, same content
     conflicts: list[tuple[Entry, os.stat_result]] = field(default_factory=list)
+    copies: set[str] = field(default_factory=set)  # hard links restored as files of their own
 
     def target(self, path: str) -> Path:
         return self.root / path.lstrip("/")
+
+    def counted(self, path: str) -> bool:
+        """Whether `run_restore` counts this existing path in its files and bytes."""
+        entry = self.existing.get(path)
+        return entry is not None and (entry.type == FILE or path in self.copies)
 
 
 def plan_restore(
@@ -244,24 +253,35 @@ def plan_restore(
         with archive.entries(record) as entries:
             for entry in entries:
                 if entry.type != DIRECTORY and under(entry, record_paths):
-                    plan.entries[entry.path] = entry
+                    _plan_entry(plan, entry, record_paths, existing)
     plan.snapshots = {p: plan.snapshots[p] for p in wanted if p in plan.snapshots}
-    for entry in plan.entries.values():
-        if entry.type == FILE or (entry.type == HARDLINK and entry.link not in plan.entries):
-            plan.files += 1
-            plan.bytes += entry.size
-        if not existing:
-            continue
-        target = plan.target(entry.path)
-        try:
-            info = target.lstat()
-        except OSError:
-            continue
-        if _same(entry, target, info):
-            plan.unchanged.add(entry.path)
-        else:
-            plan.conflicts.append((entry, info))
     return plan
+
+
+def _plan_entry(plan: RestorePlan, entry: Entry, paths: list[str], existing: bool) -> None:
+    # a hard link whose file is not restored with it is restored as a copy of that file
+    copy = entry.type == HARDLINK and not _inside(entry.link or "", paths)
+    if entry.type == FILE or copy:
+        plan.files += 1
+        plan.bytes += entry.size
+    if not existing:
+        return
+    target = plan.target(entry.path)
+    try:
+        info = target.lstat()
+    except OSError:
+        return
+    plan.existing[entry.path] = entry
+    if copy:
+        plan.copies.add(entry.path)
+    if _same(entry, target, info):
+        plan.unchanged.add(entry.path)
+    else:
+        plan.conflicts.append((entry, info))
+
+
+def _inside(path: str, paths: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in paths)
 
 
 def _same(entry: Entry, target: Path, info: os.stat_result) -> bool:
@@ -486,12 +506,9 @@ def restore_command(
 def _uncount_kept(outcome: RestoreOutcome, plan: RestorePlan, answers: Answers) -> None:
     """`run_restore` counts a file it was told not to replace as restored: take those out."""
     for path in answers.left:
-        entry = plan.entries.get(path)
-        if entry is None:
-            continue
-        if entry.type == FILE or (entry.type == HARDLINK and entry.link not in plan.entries):
+        if plan.counted(path):
             outcome.files = max(outcome.files - 1, 0)
-            outcome.bytes = max(outcome.bytes - entry.size, 0)
+            outcome.bytes = max(outcome.bytes - plan.existing[path].size, 0)
 
 
 def restore_summary(
