@@ -21,7 +21,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -467,18 +467,23 @@ def restore_command(
         answers = Answers(plan, overwrite, ask=not as_json and interactive())
         stderr = Console(stderr=True)
         large = plan.bytes >= PROGRESS_MIN_BYTES or plan.files >= PROGRESS_MIN_FILES
-        restore = {"at": at, "overwrite": answers, "strict": to is not None}
+
+        def restore(progress: Callable[[int, int], None] | None = None) -> RestoreOutcome:
+            return run_restore(
+                archive,
+                list(wanted),
+                root,
+                at=at,
+                overwrite=answers,
+                strict=to is not None,
+                progress=progress,
+            )
+
         if as_json or not stderr.is_terminal or not large:
-            outcome = run_restore(archive, list(wanted), root, **restore)  # type: ignore[arg-type]
+            outcome = restore()
         else:
-            with RestoreProgress(stderr, plan.files, plan.bytes) as progress:
-                outcome = run_restore(
-                    archive,
-                    list(wanted),
-                    root,
-                    progress=progress.update,
-                    **restore,  # type: ignore[arg-type]
-                )
+            with RestoreProgress(stderr, plan.files, plan.bytes) as bar:
+                outcome = restore(bar.update)
     _uncount_kept(outcome, plan, answers)
     snapshots = {r.id: r for r in plan.snapshots.values()}
     if as_json:
@@ -498,7 +503,7 @@ def restore_command(
         )
     else:
         click.echo(restore_summary(outcome, plan, answers, context))
-    show_problems(outcome, answers, to is not None)
+    show_problems(outcome, answers, to is not None, "--json never asks" if as_json else "")
     if outcome.errors or answers.refused:
         raise SystemExit(1)
 
@@ -531,12 +536,14 @@ def restore_summary(
     return "\n".join(lines)
 
 
-def show_problems(outcome: RestoreOutcome, answers: Answers, elsewhere: bool) -> None:
+def show_problems(
+    outcome: RestoreOutcome, answers: Answers, elsewhere: bool, why: str = ""
+) -> None:
     lines: list[str] = []
     if answers.refused:
         lines.append(
             f"refused to replace {plural(len(answers.refused), 'existing file')} "
-            "(no terminal to ask on):"
+            f"({why or 'no terminal to ask on'}):"
         )
         lines += listed(answers.refused)
         hint = "pass --overwrite to replace them"
