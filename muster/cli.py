@@ -11,6 +11,7 @@ from agent.restore_cli import register_restore_commands
 from broker.cli import broker_group, keys_group
 from broker.errors import ContractError
 from muster import __version__
+from ruleengine.cli import register as register_ruleengine_commands
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,6 +34,7 @@ def cli(log_level: str) -> None:
 cli.add_command(broker_group)
 cli.add_command(keys_group)
 register_agent_commands(cli)
+register_ruleengine_commands(cli)
 register_restore_commands(cli)
 
 
