@@ -316,7 +316,8 @@ def load_rules(path: Path) -> RuleSet:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise RulesError(str(path), [Problem(0, 0, "", f"cannot read: {error.strerror}")]) from None
+        problem = Problem(0, 0, "", f"cannot read: {error.strerror}", str(path))
+        raise RulesError(str(path), [problem]) from None
     return parse_rules(data, str(path))
 
 
@@ -404,7 +405,10 @@ def deep_merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
         for key in exclusive:
             result.pop(key, None)
     for key, value in override.items():
-        result[key] = deep_merge(result[key], value, (*path, key)) if key in result else value
+        if key in result:
+            result[key] = deep_merge(result[key], value, (*path, key))
+        else:
+            result[key] = copy.deepcopy(value)
     return result
 
 
