@@ -74,4 +74,8 @@ class Archive:
 
 def under(entry: Entry, paths: list[str]) -> bool:
     """Whether the entry is one of `paths` or inside one of them."""
-    return any(entry.path == p or entry.path.startswith(p.rstrip("/") + "/") for p in paths)
+    return inside(entry.path, paths)
+
+
+def inside(path: str, paths: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in paths)

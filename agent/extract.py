@@ -56,11 +56,12 @@ class Target:
                 pass  # it is a directory we may enter, not a file or a planted symlink
         self._directories.append(entry)
 
-    def file(self, entry: Entry, blocks: Iterable[bytes]) -> None:
+    def file(self, entry: Entry, blocks: Iterable[bytes]) -> bool:
+        """Write the file; False when an existing one was left in place."""
         *parents, name = components(entry.path)
         with self._parent(parents) as parent:
             if not self._may_replace(parent, name, entry.path):
-                return
+                return False
             temp = f".{name}.muster-{secrets.token_hex(4)}"
             fd = os.open(
                 temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent
@@ -78,6 +79,7 @@ class Target:
                 self._own(fd, entry)
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
                 os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                return True
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp, dir_fd=parent)

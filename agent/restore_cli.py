@@ -40,7 +40,7 @@ from agent.actions.ls import Listing, run_ls
 from agent.actions.restore import RestoreOutcome, _choose, absolute, run_restore
 from agent.actions.verify import VerifyOutcome, run_verify
 from agent.actions.versions import Version, run_versions
-from agent.archive import Archive, NoSnapshot, under
+from agent.archive import Archive, NoSnapshot, inside, under
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_entries, write_entries
 from agent.cli import human_duration, human_size
 from agent.context import CommandError, RepoContext, repo_command, repository_key
@@ -229,15 +229,9 @@ class RestorePlan:
     existing: dict[str, Entry] = field(default_factory=dict)  # catalog path -> entry
     unchanged: set[str] = field(default_factory=set)  # already there, same content
     conflicts: list[tuple[Entry, os.stat_result]] = field(default_factory=list)
-    copies: set[str] = field(default_factory=set)  # hard links restored as files of their own
 
     def target(self, path: str) -> Path:
         return self.root / path.lstrip("/")
-
-    def counted(self, path: str) -> bool:
-        """Whether `run_restore` counts this existing path in its files and bytes."""
-        entry = self.existing.get(path)
-        return entry is not None and (entry.type == FILE or path in self.copies)
 
 
 def plan_restore(
@@ -260,7 +254,7 @@ def plan_restore(
 
 def _plan_entry(plan: RestorePlan, entry: Entry, paths: list[str], existing: bool) -> None:
     # a hard link whose file is not restored with it is restored as a copy of that file
-    copy = entry.type == HARDLINK and not _inside(entry.link or "", paths)
+    copy = entry.type == HARDLINK and not inside(entry.link or "", paths)
     if entry.type == FILE or copy:
         plan.files += 1
         plan.bytes += entry.size
@@ -272,16 +266,10 @@ def _plan_entry(plan: RestorePlan, entry: Entry, paths: list[str], existing: boo
     except OSError:
         return
     plan.existing[entry.path] = entry
-    if copy:
-        plan.copies.add(entry.path)
     if _same(entry, target, info):
         plan.unchanged.add(entry.path)
     else:
         plan.conflicts.append((entry, info))
-
-
-def _inside(path: str, paths: list[str]) -> bool:
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in paths)
 
 
 def _same(entry: Entry, target: Path, info: os.stat_result) -> bool:
@@ -484,7 +472,6 @@ def restore_command(
         else:
             with RestoreProgress(stderr, plan.files, plan.bytes) as bar:
                 outcome = restore(bar.update)
-    _uncount_kept(outcome, plan, answers)
     snapshots = {r.id: r for r in plan.snapshots.values()}
     if as_json:
         print_json(
@@ -506,14 +493,6 @@ def restore_command(
     show_problems(outcome, answers, to is not None, "--json never asks" if as_json else "")
     if outcome.errors or answers.refused:
         raise SystemExit(1)
-
-
-def _uncount_kept(outcome: RestoreOutcome, plan: RestorePlan, answers: Answers) -> None:
-    """`run_restore` counts a file it was told not to replace as restored: take those out."""
-    for path in answers.left:
-        if plan.counted(path):
-            outcome.files = max(outcome.files - 1, 0)
-            outcome.bytes = max(outcome.bytes - plan.existing[path].size, 0)
 
 
 def restore_summary(

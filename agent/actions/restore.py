@@ -106,6 +106,7 @@ class _Restorer:
         self._outcome = outcome
         self._progress = progress
         self._keys = VolumeKeys(archive.repo, archive.identities)
+        self._written: set[str] = set()  # paths this restore wrote (not left in place)
 
     def restore(self, entries: list[Entry], link_sources: list[Entry]) -> None:
         by_type: dict[str, list[Entry]] = defaultdict(list)
@@ -134,8 +135,21 @@ class _Restorer:
             self._restore_volume(volume, volume_jobs)
         for entry in by_type[SYMLINK]:
             self._guard(entry, self._target.symlink, entry)
+        kept = [(entry, target) for entry, target in links if target.path not in self._written]
         for entry, target in links:
-            self._guard(entry, self._target.hardlink, entry, target)
+            if target.path in self._written:
+                self._guard(entry, self._target.hardlink, entry, target)
+        self._restore_copies(kept)
+
+    def _restore_copies(self, links: list[tuple[Entry, Entry]]) -> None:
+        """Links whose target was left as it is on disk get the backup's data as a copy,
+        never a link to local content that differs from the backup."""
+        by_volume: dict[str, list[tuple[Entry, Entry]]] = defaultdict(list)
+        for entry, target in links:
+            copy = replace(entry, type=FILE, size=target.size, sha256=target.sha256)
+            by_volume[target.location.volume].append((copy, target))  # type: ignore[union-attr]
+        for volume, jobs in by_volume.items():
+            self._restore_volume(volume, jobs)
 
     def _restore_volume(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
         """Ranged reads when the files are a small part of the volume, else one stream."""
@@ -165,10 +179,8 @@ class _Restorer:
             dests = pending.pop(member.name, [])
             if dests:
                 first, *others = dests
-                written = self._guard(
-                    first, self._write, first, member_data(archive, member, first)
-                )
-                for other in others if written else []:
+                self._guard(first, self._write, first, member_data(archive, member, first))
+                for other in others if first.path in self._written else []:
                     self._guard(other, self._target.hardlink, other, first)
             if not pending:
                 return
@@ -176,7 +188,9 @@ class _Restorer:
         raise CorruptVolume(f"{volume}: ends without {lost}")
 
     def _write(self, entry: Entry, blocks: Iterable[bytes]) -> None:
-        self._target.file(entry, blocks)
+        if not self._target.file(entry, blocks):
+            return  # left in place, as the overwrite policy said
+        self._written.add(entry.path)
         self._outcome.files += 1
         self._outcome.bytes += entry.size
         if self._progress:

@@ -730,12 +730,6 @@ def test_forget_needs_no_identity(backed_up: Setup) -> None:
 # -- a bug found underneath ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/actions/restore.py links a hard link to its target's path even when the "
-    "restore left an existing, different file there (Overwrite said no): the link silently "
-    "gets the local content instead of the backup's",
-)
 def test_hard_link_to_a_file_left_in_place_keeps_the_backups_content(setup: Setup) -> None:
     first, second = setup.source / "first", setup.source / "second"
     first.write_bytes(b"A" * 512)
@@ -750,12 +744,6 @@ def test_hard_link_to_a_file_left_in_place_keeps_the_backups_content(setup: Setu
     assert second.read_bytes() == b"A" * 512
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/actions/restore.py (_Restorer._write) counts a file in RestoreOutcome.files "
-    "and .bytes (and in progress) even when Target.file left the existing one in place; "
-    "agent/restore_cli.py's _uncount_kept makes up for it and must go with the fix",
-)
 def test_run_restore_does_not_count_files_it_left_in_place(backed_up: Setup) -> None:
     (backed_up.source / "a.txt").write_text("mine\n")
     with _archive(backed_up) as archive:

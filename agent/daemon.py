@@ -1,0 +1,662 @@
+"""`muster agent run`: the node's agent. It announces itself, follows its signed plan and
+reports every run, whether the broker is there or not.
+
+Three threads, each with one job:
+
+* the **broker thread** owns the one AMQP connection (kombu connections are not thread-safe).
+  It connects with backoff, declares the topology and the node's plan queue, announces the
+  node (on start and on every reconnect), sends a keepalive with the facts every
+  `keepalive_interval`, consumes the plan queue and delivers the spool, oldest first,
+  removing each file only after RabbitMQ confirmed it;
+* the **worker thread** asks the scheduler what is due and runs it: one run at a time (a
+  node backs up one job after the other, which keeps the load it puts on itself and on
+  storage predictable). A backup's progress callback spools throttled `run_status`
+  messages and is also where a stop request interrupts it;
+* the **main thread** waits for SIGTERM/SIGINT, then stops the worker at a safe point, lets
+  the broker thread deliver what is spooled, and exits 0.
+
+Plans are verified before they are stored (`agent.planstore`); on start the stored plan is
+verified again and run at once, broker or not. Results and alerts go through the spool
+(`agent.spool`), so a broker outage delays them and loses none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kombu import Connection, Consumer
+from kombu.message import Message as Delivery
+
+from agent import age
+from agent.facts import FactSources, collect
+from agent.hooks import redact, run_hooks
+from agent.planstore import PlanRejected, PlanStore
+from agent.scheduler import STATE_FILE, Scheduler, Task
+from agent.spool import Spool
+from broker.agent_config import AgentSettings
+from broker.codec import decode
+from broker.connection import Publisher, body_bytes, connect
+from broker.errors import ContractError, InvalidMessage
+from broker.messages import (
+    Alert,
+    Announce,
+    Facts,
+    Keepalive,
+    Message,
+    RunResult,
+    RunStats,
+    RunStatus,
+    SignedPlan,
+    new_id,
+)
+from broker.plan import Job
+from broker.signing import TrustedKeys
+from broker.topology import declare, plan_queue
+from broker.types import utcnow
+from muster import __version__
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.txt"  # as agent.context.IDENTITY_FILE
+SPOOL_DIR = "spool"
+SCRATCH_DIR = "scratch"
+MAX_WARNINGS = 100  # warnings carried by one result; the rest are counted
+MAX_ERROR = 2000
+DRAIN_TIMEOUT = 0.5  # seconds the broker thread waits for a delivery before other chores
+PUBLISH_RETRY: dict[str, Any] = {"max_retries": 0}  # a failed publish means: reconnect
+INTERRUPTED = (
+    "the agent was stopped; the run ended before its snapshot record was written, so nothing "
+    "of it is visible (the next backup removes its objects)"
+)
+
+
+class Interrupted(Exception):
+    """Raised from a backup's progress callback when the agent is told to stop."""
+
+
+# -- identity ------------------------------------------------------------------------------
+
+
+def ensure_identity(state_dir: Path) -> age.Identity:
+    """The node's age identity, generated on first start (mode 0600). Only its recipient
+    ever leaves the node."""
+    path = state_dir / IDENTITY_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        identity = age.Identity.generate()
+        with contextlib.suppress(age.AgeError):  # another process just wrote one: use it
+            age.write_identity(path, identity)
+            log.warning(
+                "generated this node's age identity in %s (recipient %s): keep a copy of it "
+                "away from this node, backups cannot be decrypted without it",
+                path,
+                identity.recipient,
+            )
+    return age.load_identities(path)[0]
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a result's `error`: what went wrong, never a secret, bounded."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        text = f"{where}{error.strerror}"
+    elif isinstance(error, ContractError | age.AgeError) or type(error).__module__.startswith(
+        "agent.storage"
+    ):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    text = redact(text)
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
+
+
+def bounded_warnings(warnings: list[str]) -> list[str]:
+    kept = [redact(w)[:1000] for w in warnings[:MAX_WARNINGS]]
+    if len(warnings) > MAX_WARNINGS:
+        kept.append(f"... and {len(warnings) - MAX_WARNINGS} more warnings")
+    return kept
+
+
+class Backoff:
+    """0.5 s, 1 s, 2 s ... up to `maximum`, each with +-20 % jitter so a fleet that lost
+    its broker does not come back in lockstep."""
+
+    def __init__(self, first: float = 0.5, maximum: float = 30.0) -> None:
+        self.first = first
+        self.maximum = maximum
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next(self) -> float:
+        delay = min(self._next, self.maximum)
+        self._next = min(self._next * 2, self.maximum)
+        return delay * random.uniform(0.8, 1.2)
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A backup's progress callback: spools a throttled run_status, raises on stop."""
+
+    def __init__(self, agent: Agent, job: str, run_id: str, kind: str, totals: tuple) -> None:
+        self.agent = agent
+        self.job = job
+        self.run_id = run_id
+        self.kind = kind
+        self.files_total, self.bytes_total = totals
+        self._sent = 0.0
+
+    def __call__(self, files: int, bytes_done: int) -> None:
+        if self.agent.stopping.is_set():
+            raise Interrupted()
+        now = time.monotonic()
+        if now - self._sent >= self.agent.settings.status_interval:
+            self._sent = now
+            self.send("running", files, bytes_done)
+
+    def send(self, phase: str, files: int = 0, bytes_done: int = 0) -> None:
+        self.agent.emit(
+            RunStatus(
+                node=self.agent.node,
+                job=self.job,
+                run_id=self.run_id,
+                kind=self.kind,  # type: ignore[arg-type]
+                phase=phase,
+                files_done=files,
+                bytes_done=bytes_done,
+                files_total=self.files_total,
+                bytes_total=self.bytes_total,
+            )
+        )
+
+
+class Runner:
+    """Turns one scheduled task into a RunResult (and the run_status messages before it)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def run(self, task: Task, job: Job) -> RunResult:
+        started = utcnow()
+        fields: dict[str, Any] = {
+            "node": self.agent.node,
+            "job": job.name,
+            "run_id": new_id(),
+            "kind": task.kind,
+            "started": started,
+        }
+        try:
+            if task.kind == "backup":
+                outcome = self._backup(job, fields["run_id"])
+            elif task.kind == "verify":
+                outcome = self._verify(job)
+            else:
+                outcome = self._forget(job)
+        except Interrupted:
+            outcome = {"status": "interrupted", "error": INTERRUPTED}
+        except Exception as error:
+            log.exception("%s of job %s failed", task.kind, job.name)
+            outcome = {"status": "failure", "error": describe_error(error)}
+        return RunResult(**fields, finished=utcnow(), **outcome)
+
+    def _open(self, job: Job) -> tuple[Any, Any, str]:
+        from agent.context import repository_key
+        from agent.repository import Repository
+        from agent.state import CatalogCache
+        from agent.storage import open_storage
+
+        key = repository_key(job.storage, self.agent.node, job.name)
+        repo = Repository(open_storage(job.storage), self.agent.node, job.name)
+        return repo, CatalogCache(self.agent.state_dir, key), key
+
+    def _backup(self, job: Job, run_id: str) -> dict[str, Any]:
+        from agent.actions.backup import run_backup
+        from agent.actions.snapshots import latest
+
+        agent = self.agent
+        env = {"MUSTER_NODE": agent.node, "MUSTER_JOB": job.name, "MUSTER_RUN_ID": run_id}
+        progress = _Progress(agent, job.name, run_id, "backup", (None, None))
+        result: dict[str, Any] = {"status": "failure", "warnings": [], "hooks": []}
+        try:
+            if job.hooks.pre:
+                progress.send("pre_hooks")
+            pre, failure = run_hooks(job.hooks.pre, {**env, "MUSTER_HOOK": "pre"}, agent.stopping)
+            result["hooks"] += pre
+            if agent.stopping.is_set():
+                raise Interrupted()
+            if failure is not None:
+                result["error"] = f"pre {failure}: the backup did not run"
+                return result
+            repo, cache, _ = self._open(job)
+            parent = latest(repo)
+            if parent is not None:
+                progress.files_total, progress.bytes_total = parent.stats.files, parent.stats.bytes
+            progress.send("starting")
+            outcome = run_backup(job, repo, agent.identity, cache, __version__, progress)
+            record, stats = outcome.record, outcome.record.stats
+            result.update(
+                status="warning" if outcome.warnings else "success",
+                snapshot=record.id,
+                full=record.full,
+                warnings=bounded_warnings(outcome.warnings),
+                stats=RunStats(
+                    files=stats.files,
+                    files_new=stats.files_new,
+                    files_changed=stats.files_changed,
+                    files_unchanged=stats.files_unchanged,
+                    bytes_read=stats.bytes_new,
+                    bytes_stored=stats.bytes_stored,
+                    volumes=len(record.volumes),
+                ),
+            )
+            return result
+        except Interrupted:
+            result.update(status="interrupted", error=INTERRUPTED)
+            return result
+        except Exception as error:
+            log.exception("backup of job %s failed", job.name)
+            result.update(status="failure", error=describe_error(error))
+            return result
+        finally:
+            # Post hooks run whatever happened (they undo what pre hooks did), to their end.
+            post_env = {**env, "MUSTER_HOOK": "post", "MUSTER_STATUS": result["status"]}
+            post, post_failure = run_hooks(job.hooks.post, post_env, stop_on_failure=False)
+            result["hooks"] += post
+            if post_failure is not None:
+                result["warnings"].append(f"post {post_failure}")
+                if result["status"] == "success":
+                    result["status"] = "warning"
+
+    def _verify(self, job: Job) -> dict[str, Any]:
+        from agent.actions.verify import run_verify
+        from agent.archive import Archive, NoSnapshot
+
+        repo, cache, key = self._open(job)
+        test = job.restore_test
+        try:
+            outcome = run_verify(
+                Archive(repo, [self.agent.identity], cache),
+                self.agent.state_dir,
+                sample=test.sample,
+                max_duration=test.max_duration,
+                repository_key=key,
+                scratch=self.agent.scratch,
+            )
+        except NoSnapshot as error:
+            return {"status": "failure", "error": f"nothing to test: {error}"}
+        warnings = []
+        if outcome.stopped:
+            warnings.append(
+                f"stopped after max_duration {test.max_duration} s with "
+                f"{len(outcome.volumes_tested)} volumes tested"
+            )
+        status = "failure" if not outcome.ok else "warning" if warnings else "success"
+        return {
+            "status": status,
+            "snapshot": outcome.snapshot,
+            "warnings": warnings,
+            "error": redact("; ".join(outcome.failures))[:MAX_ERROR] or None,
+            "stats": RunStats(
+                files_checked=outcome.files_checked,
+                files_failed=outcome.files_failed,
+                volumes_tested=len(outcome.volumes_tested),
+                coverage=round(outcome.coverage, 4),
+                bytes_read=outcome.bytes_checked,
+            ),
+        }
+
+    def _forget(self, job: Job) -> dict[str, Any]:
+        from agent.actions.forget import run_forget
+
+        repo, _, _ = self._open(job)
+        outcome = run_forget(repo, job.retention, dry_run=False)
+        # Extra fields (receivers ignore what they do not know): what went, what it freed.
+        return {
+            "status": "success",
+            "forgotten": [record.id for record in outcome.forgotten],
+            "kept": len(outcome.kept),
+            "freed_bytes": outcome.freed_bytes,
+        }
+
+
+# -- the agent -----------------------------------------------------------------------------
+
+
+class Agent:
+    """One node's agent: `run()` blocks until `stop()` (or a signal, via the CLI)."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node = settings.node
+        self.state_dir = settings.state_dir
+        self.clock = clock or (lambda: datetime.now().astimezone())
+        self.stopping = threading.Event()  # stop at the next safe point
+        self.closing = threading.Event()  # the worker is done: deliver what is left, then go
+        self.connected = threading.Event()
+        self._wake = threading.Event()
+        self._started = time.monotonic()
+        self._facts: Facts | None = None
+        self._facts_time = 0.0
+        self._rejection_open = False
+        self._threads: list[threading.Thread] = []
+
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.scratch = self.state_dir / SCRATCH_DIR
+        shutil.rmtree(self.scratch, ignore_errors=True)  # what an interrupted verify left
+        self.scratch.mkdir(mode=0o700)
+        self.identity = ensure_identity(self.state_dir)
+        missing = [str(p) for p in settings.trusted_keys if not Path(p).is_file()]
+        if missing:
+            raise InvalidMessage(f"trusted key file(s) not found: {', '.join(missing)}")
+        self.trusted = TrustedKeys.from_files(settings.trusted_keys)
+        if not settings.trusted_keys:
+            log.warning(
+                "no trusted_keys configured: every plan will be refused; pin the rule "
+                "engine's public key (MUSTER_TRUSTED_KEYS or trusted_keys in %s)",
+                AgentSettings.default_file,
+            )
+        self.spool = Spool(
+            self.state_dir / SPOOL_DIR, settings.spool_max_files, settings.spool_max_bytes
+        )
+        self.plans = PlanStore(self.state_dir, self.trusted, self.node)
+        self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE)
+        self.runner = Runner(self)
+        try:
+            plan = self.plans.load()
+        except PlanRejected as error:
+            log.error("%s", error)
+            self._reject(str(error), {"stored": True})
+            plan = None
+        if plan is not None:
+            log.info("following the stored plan %s (issued %s)", plan.content_hash(), plan.issued)
+            self.scheduler.set_plan(plan)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker and broker threads."""
+        for name, target in (("muster-worker", self._work), ("muster-broker", self._broker)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+
+    def run(self) -> int:
+        """Start, wait for `stop()`, shut down in order. Returns the exit status (0)."""
+        self.start()
+        while not self.stopping.wait(1):
+            pass
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        worker, broker = self._threads
+        worker.join(self.settings.stop_timeout)
+        if worker.is_alive():
+            log.error(
+                "the running task did not reach a safe point within %s s; leaving it",
+                self.settings.stop_timeout,
+            )
+            for task in self.scheduler.running:
+                self._abandoned(task)
+        self.closing.set()
+        broker.join(10)
+        return 0
+
+    # -- messages ------------------------------------------------------------------------
+
+    def emit(self, message: Message) -> None:
+        """Spool a message for the broker thread to deliver (results, alerts, progress)."""
+        self.spool.add(message)
+
+    def facts(self, refresh: bool = False) -> Facts:
+        now = time.monotonic()
+        if refresh or self._facts is None or now - self._facts_time >= self.settings.facts_interval:
+            settings = self.settings
+            self._facts = collect(
+                FactSources(
+                    labels=settings.labels,
+                    cloud_init_path=settings.cloud_init_path,
+                    config_drive_path=settings.config_drive_path,
+                    metadata_url=settings.metadata_url,
+                    metadata_timeout=settings.metadata_timeout,
+                )
+            )
+            self._facts_time = now
+        return self._facts
+
+    @property
+    def plan_hash(self) -> str | None:
+        plan = self.plans.plan
+        return plan.content_hash() if plan is not None else None
+
+    def announce(self) -> Announce:
+        return Announce(
+            node=self.node,
+            facts=self.facts(),
+            agent_version=__version__,
+            recipient=str(self.identity.recipient),
+            plan_hash=self.plan_hash,
+        )
+
+    def keepalive(self) -> Keepalive:
+        return Keepalive(
+            node=self.node,
+            plan_hash=self.plan_hash,
+            uptime=round(time.monotonic() - self._started, 3),
+            interval=self.settings.keepalive_interval,
+            running=sorted({task.job for task in self.scheduler.running}),
+            facts=self.facts(),
+        )
+
+    # -- plans ---------------------------------------------------------------------------
+
+    def receive_plan(self, body: bytes) -> str:
+        """Handle one delivery of the plan queue; returns what happened, for the log. Invalid
+        and refused plans raise a plan_rejected alert; the plan held stays in force."""
+        try:
+            message = decode(body)
+        except InvalidMessage as error:
+            self._reject(f"not a valid plan message: {error}", {})
+            return "invalid"
+        if not isinstance(message, SignedPlan):
+            self._reject(f"a {message.type} message on the plan queue", {"id": message.id})
+            return "invalid"
+        details = {
+            "id": message.id,
+            "key_id": message.signature.key_id,
+            "plan_node": message.plan.node,
+            "issued": message.plan.issued.isoformat(),
+        }
+        try:
+            changed = self.plans.offer(message)
+        except PlanRejected as error:
+            self._reject(str(error), details)
+            return "rejected"
+        if self._rejection_open:
+            self._rejection_open = False
+            self.emit(self._alert("resolved", "the node accepted a valid plan again", details))
+        if changed:
+            plan = message.plan
+            log.warning("new plan %s issued %s: %d jobs", plan.content_hash(), plan.issued,
+                        len(plan.jobs))  # fmt: skip
+            self.scheduler.set_plan(plan)
+            self._wake.set()
+            return "accepted"
+        return "unchanged"
+
+    def _reject(self, reason: str, details: dict[str, Any]) -> None:
+        log.error("refused a plan: %s", reason)
+        self._rejection_open = True
+        self.emit(self._alert("open", f"{self.node} refused a plan: {reason}", details))
+
+    def _alert(self, state: str, summary: str, details: dict[str, Any]) -> Alert:
+        return Alert(
+            key=f"plan_rejected:{self.node}",
+            kind="plan_rejected",
+            state=state,  # type: ignore[arg-type]
+            severity="critical",
+            source="agent",
+            node=self.node,
+            summary=summary[:1000],
+            details=details,
+        )
+
+    # -- worker thread -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                due = self.scheduler.due()
+                if not due:
+                    self._sleep_until(self.scheduler.next_wakeup())
+                    continue
+                self._execute(due[0])
+        except Exception:
+            log.exception("the worker thread failed; stopping the agent")
+            self.stop()
+
+    def _sleep_until(self, when: datetime | None) -> None:
+        seconds = 60.0 if when is None else (when - self.clock()).total_seconds()
+        self._wake.wait(min(max(seconds, 0.05), 60.0))
+        self._wake.clear()
+
+    def _execute(self, task: Task) -> None:
+        tasks = [task]
+        while tasks and not self.stopping.is_set():
+            task = tasks.pop(0)
+            job = self.scheduler.job(task.job)
+            if job is None:  # the plan dropped the job meanwhile
+                self.scheduler.finished(task, "interrupted")
+                continue
+            if task.slot is not None:
+                self.scheduler.start(task)
+            log.info("%s of job %s starts", task.kind, task.job)
+            result = self.runner.run(task, job)
+            self._report(result)
+            tasks += self.scheduler.finished(task, result.status)
+        for left in tasks:  # follow-ups a stop request cut off
+            self.scheduler.finished(left, "interrupted")
+
+    def _report(self, result: RunResult) -> None:
+        level = logging.INFO if result.status in ("success", "warning") else logging.ERROR
+        log.log(level, "%s of job %s: %s%s", result.kind, result.job, result.status,
+                f" ({result.error})" if result.error else "")  # fmt: skip
+        self.emit(result)
+
+    def _abandoned(self, task: Task) -> None:
+        """A task still running at exit: report it interrupted ourselves."""
+        now = utcnow()
+        self.emit(
+            RunResult(
+                node=self.node,
+                job=task.job,
+                run_id=new_id(),
+                kind=task.kind,
+                status="interrupted",
+                started=now,
+                finished=now,
+                error="the agent stopped while this run was still going; it is caught up "
+                "when the agent is back",
+            )
+        )
+
+    # -- broker thread -------------------------------------------------------------------
+
+    def _broker(self) -> None:
+        backoff = Backoff(maximum=self.settings.reconnect_max)
+        while not self.closing.is_set():
+            try:
+                with connect(self.settings.broker_urls, self.settings.heartbeat) as connection:
+                    connection.connect()
+                    self._session(connection, backoff)
+                return
+            except Exception as error:
+                self.connected.clear()
+                delay = backoff.next()
+                log.warning(
+                    "broker %s unreachable (%s); %d messages spooled; retrying in %.1f s",
+                    redact(self.settings.broker_url),
+                    redact(str(error)),
+                    len(self.spool),
+                    delay,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+                self.closing.wait(delay)
+
+    def _session(self, connection: Connection, backoff: Backoff) -> None:
+        declare(connection)
+        channel = connection.default_channel
+        queue = plan_queue(self.node)(channel)
+        queue.declare()
+        publisher = Publisher(channel, retry_policy=PUBLISH_RETRY)
+        publisher.publish(self.announce())
+        log.info("connected to %s; announced %s", connection.as_uri(), self.node)
+        consumer = Consumer(
+            channel,
+            queues=[queue],
+            on_message=lambda delivery: self._on_plan(delivery, publisher, queue.name),
+            prefetch_count=1,
+        )
+        consumer.consume()
+        self.connected.set()
+        backoff.reset()
+        self.spool.changed.set()
+        next_keepalive = time.monotonic() + self.settings.keepalive_interval
+        while True:
+            if self.spool.changed.is_set():
+                self.spool.changed.clear()
+                self._deliver(publisher)
+            if self.closing.is_set():
+                with contextlib.suppress(Exception):
+                    consumer.cancel()
+                self.connected.clear()
+                return
+            if time.monotonic() >= next_keepalive:
+                next_keepalive = time.monotonic() + self.settings.keepalive_interval
+                publisher.publish(self.keepalive())
+            with contextlib.suppress(TimeoutError):
+                connection.drain_events(timeout=DRAIN_TIMEOUT)
+            connection.heartbeat_check()
+
+    def _deliver(self, publisher: Publisher) -> None:
+        """Publish the spool, oldest first; each file goes once RabbitMQ confirmed it."""
+        for entry in self.spool.pending():
+            message = self.spool.read(entry)
+            if message is None:
+                continue
+            publisher.publish(message)
+            self.spool.remove(entry)
+
+    def _on_plan(self, delivery: Delivery, publisher: Publisher, queue: str) -> None:
+        body = body_bytes(delivery)
+        try:
+            what = self.receive_plan(body)
+        except Exception:
+            # Acknowledged anyway: the keepalive still names the old plan hash, so the rule
+            # engine sends the plan again within one interval; a requeue would only loop.
+            log.exception("could not handle a plan delivery")
+            what = "failed"
+        if what == "invalid":
+            with contextlib.suppress(Exception):
+                publisher.dead_letter(delivery, "not a valid signed plan message", queue)
+        delivery.ack()
+        log.info("plan delivery: %s", what)
