@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SERVICES := $(BIN)/python -m tests.services
 
-.PHONY: deps system-deps services-deps test lint services services-stop clean
+.PHONY: deps system-deps services-deps venv demo test lint services services-stop clean
 
 deps: system-deps services-deps $(VENV)/.installed
 
@@ -14,6 +14,21 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
+
+## Just Muster, for the command line: no test servers.
+venv: $(VENV)/.installed
+
+## Back up /etc into a local directory, list it, restore a file elsewhere, verify it.
+DEMO ?= /tmp/muster-demo
+demo: venv
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/muster keys generate $(DEMO)/node.key
+	$(BIN)/muster backup /etc --repo file://$(DEMO)/repo --identity $(DEMO)/node.key
+	$(BIN)/muster snapshots --repo file://$(DEMO)/repo --identity $(DEMO)/node.key
+	$(BIN)/muster restore /etc/passwd --to $(DEMO)/restored \
+		--repo file://$(DEMO)/repo --identity $(DEMO)/node.key
+	diff /etc/passwd $(DEMO)/restored/etc/passwd && echo "restored file matches"
+	$(BIN)/muster verify --all --repo file://$(DEMO)/repo --identity $(DEMO)/node.key
 
 system-deps:
 	@tests/services/install-system.sh
