@@ -97,7 +97,8 @@ def parse_os_release(text: str) -> dict[str, str]:
             words = shlex.split(value)
         except ValueError:  # an unbalanced quote: keep the text as it is
             words = [value.strip()]
-        values[key.strip()] = " ".join(words)
+        # shlex leaves `\$` and `\`` escaped inside double quotes; os-release does not
+        values[key.strip()] = " ".join(words).replace("\\$", "$").replace("\\`", "`")
     return values
 
 
@@ -247,7 +248,8 @@ def parse_instance_data(data: Mapping[str, Any]) -> CloudFacts:
     provider = _text(v1.get("cloud_name") or v1.get("cloud-name") or v1.get("platform"))
     if provider == "unknown":
         provider = None
-    facts = parse_openstack_meta(meta_data) if isinstance(meta_data, dict) else CloudFacts()
+    facts = parse_openstack_meta(meta_data) if isinstance(meta_data, dict) and meta_data else None
+    facts = facts or CloudFacts()
     return CloudFacts(
         provider=provider or facts.provider,
         project=facts.project,
