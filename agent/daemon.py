@@ -354,6 +354,7 @@ class Agent:
         self._facts: Facts | None = None
         self._facts_time = 0.0
         self._rejection_open = False
+        self.last_rejection = ""
         self._threads: list[threading.Thread] = []
 
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -505,6 +506,7 @@ class Agent:
 
     def _reject(self, reason: str, details: dict[str, Any]) -> None:
         log.error("refused a plan: %s", reason)
+        self.last_rejection = reason
         self._rejection_open = True
         self.emit(self._alert("open", f"{self.node} refused a plan: {reason}", details))
 
@@ -610,18 +612,19 @@ class Agent:
         publisher = Publisher(channel, retry_policy=PUBLISH_RETRY)
         publisher.publish(self.announce())
         log.info("connected to %s; announced %s", connection.as_uri(), self.node)
-        consumer = Consumer(
-            channel,
-            queues=[queue],
-            on_message=lambda delivery: self._on_plan(delivery, publisher, queue.name),
-            prefetch_count=1,
-        )
+        # Deliveries are only collected by the callback and handled between two waits: a
+        # publish waits for its confirm, and py-amqp dispatches deliveries that arrive
+        # meanwhile re-entrantly; a callback that published in turn could hang.
+        deliveries: list[Delivery] = []
+        consumer = Consumer(channel, queues=[queue], on_message=deliveries.append, prefetch_count=1)
         consumer.consume()
         self.connected.set()
         backoff.reset()
         self.spool.changed.set()
         next_keepalive = time.monotonic() + self.settings.keepalive_interval
         while True:
+            while deliveries:
+                self._on_plan(deliveries.pop(0), publisher, queue.name)
             if self.spool.changed.is_set():
                 self.spool.changed.clear()
                 self._deliver(publisher)
@@ -633,8 +636,9 @@ class Agent:
             if time.monotonic() >= next_keepalive:
                 next_keepalive = time.monotonic() + self.settings.keepalive_interval
                 publisher.publish(self.keepalive())
-            with contextlib.suppress(TimeoutError):
-                connection.drain_events(timeout=DRAIN_TIMEOUT)
+            if not deliveries:
+                with contextlib.suppress(TimeoutError):
+                    connection.drain_events(timeout=DRAIN_TIMEOUT)
             connection.heartbeat_check()
 
     def _deliver(self, publisher: Publisher) -> None:
@@ -656,7 +660,6 @@ class Agent:
             log.exception("could not handle a plan delivery")
             what = "failed"
         if what == "invalid":
-            with contextlib.suppress(Exception):
-                publisher.dead_letter(delivery, "not a valid signed plan message", queue)
+            publisher.dead_letter(delivery, self.last_rejection, queue)
         delivery.ack()
         log.info("plan delivery: %s", what)

@@ -7,6 +7,7 @@ import click
 from kombu.exceptions import OperationalError
 
 from agent.cli import register as register_agent_commands
+from agent.daemon_cli import register as register_daemon_commands
 from agent.restore_cli import register_restore_commands
 from broker.cli import broker_group, keys_group
 from broker.errors import ContractError
@@ -34,6 +35,7 @@ def cli(log_level: str) -> None:
 cli.add_command(broker_group)
 cli.add_command(keys_group)
 register_agent_commands(cli)
+register_daemon_commands(cli)
 register_ruleengine_commands(cli)
 register_restore_commands(cli)
 
