@@ -9,7 +9,8 @@ SERVICES := $(BIN)/python -m tests.services
 
 deps: system-deps services-deps $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# An editable install maps the packages that exist when it runs: a new one reinstalls.
+$(VENV)/.installed: setup.cfg pyproject.toml $(wildcard */__init__.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

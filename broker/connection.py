@@ -96,20 +96,35 @@ class ContractConsumer(ConsumerMixin):
     The handler gets decoded models. A message that fails validation goes to the dead
     letter queue with the reason and is acknowledged; the consumer keeps going. A handler
     exception requeues the message (quorum queues dead-letter it after a few tries).
+
+    Everything a consumer publishes (dead letters, and whatever a subclass sends through
+    `publisher`) goes out on a connection of its own: waiting for a publisher confirm on
+    the consuming channel, inside a delivery callback, dispatches further deliveries
+    re-entrantly and can hang for good.
     """
 
     def __init__(
         self, connection: Connection, queues: Sequence[Queue], handler: Handler, prefetch: int = 50
     ) -> None:
         self.connection = connection
+        self.output = connection.clone()  # lazy: connects on the first publish
+        self.publisher = Publisher(self.output)
         self._queues = list(queues)
         self._handler = handler
         self._prefetch = prefetch
-        self._publisher: Publisher | None = None
+
+    def run(self, _tokens: int = 1, **kwargs: Any) -> None:
+        try:
+            super().run(_tokens, **kwargs)
+        finally:
+            self.output.release()
+
+    def on_iteration(self) -> None:
+        """kombu calls this between deliveries: keep the output connection's heartbeats."""
+        if self.output.connected:
+            self.output.heartbeat_check()
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
-        # Dead letters go out on the consuming channel, which kombu re-creates on reconnect.
-        self._publisher = Publisher(channel)
         return [
             consumer_cls(
                 queues=[queue],
@@ -124,8 +139,7 @@ class ContractConsumer(ConsumerMixin):
             message = decode(body_bytes(delivery))
         except InvalidMessage as error:
             log.warning("dead-lettering a message from %s: %s", queue, error)
-            assert self._publisher is not None
-            self._publisher.dead_letter(delivery, str(error), queue)
+            self.publisher.dead_letter(delivery, str(error), queue)
             delivery.ack()
             return
         try:

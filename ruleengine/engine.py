@@ -30,7 +30,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kombu import Connection
 
-from broker.connection import RETRY_POLICY, ContractConsumer, Publisher
+from broker.connection import RETRY_POLICY, ContractConsumer
 from broker.messages import Alert, Announce, AnyMessage, Keepalive
 from broker.rules import Problem, RulesError, RuleSet, load_rules, parse_rules, revision_of
 from broker.signing import key_id, sign_plan
@@ -128,8 +128,6 @@ class RuleEngine(ContractConsumer):
         self._reload_requested = False
         self._alerts: list[Alert] = []
         self._alert_open = False
-        self._output = connection.clone()
-        self._out = Publisher(self._output)
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -150,7 +148,7 @@ class RuleEngine(ContractConsumer):
             log.debug("%s %s: plan %s unchanged", message.type, message.node, digest)
             return
         self._declare_plan_queue(message.node)
-        self._out.publish(sign_plan(plan, self._key))
+        self.publisher.publish(sign_plan(plan, self._key))
         self.counts["published"] += 1
         log.info(
             "%s %s: sent plan %s (%d jobs; node had %s; rules %s)",
@@ -162,22 +160,12 @@ class RuleEngine(ContractConsumer):
             rules.revision[:19],
         )
 
-    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
-        consumers = super().get_consumers(consumer_cls, channel)
-        # ContractConsumer publishes dead letters on the consuming channel, from inside the
-        # delivery callback. Waiting there for the publisher confirm dispatches the next
-        # deliveries re-entrantly, and when RabbitMQ acknowledges two publishes with one
-        # `multiple` ack, the outer wait never returns: the consumer hangs and can no
-        # longer stop. Dead letters go out on the output connection instead.
-        self._publisher = self._out
-        return consumers
-
     def _declare_plan_queue(self, node: str) -> None:
         """Plans go through a direct exchange and are dropped if the node's queue does
         not exist yet (an agent that announces before it declares its queue). Declaring
         it here is idempotent and renews its expiry only while the node is alive."""
-        queue = plan_queue(node)(self._output.default_channel)
-        self._output.ensure(queue, queue.declare, **RETRY_POLICY)()
+        queue = plan_queue(node)(self.output.default_channel)
+        self.output.ensure(queue, queue.declare, **RETRY_POLICY)()
 
     # -- reloading --------------------------------------------------------------------------
 
@@ -204,7 +192,7 @@ class RuleEngine(ContractConsumer):
             self._next_check = now + self._reload_interval
             self.reload(force)
         self._flush_alerts()
-        self._output.heartbeat_check()
+        super().on_iteration()
 
     def reload(self, force: bool = False) -> Reload | None:
         outcome = self.watcher.check(force)
@@ -266,7 +254,7 @@ class RuleEngine(ContractConsumer):
         """Publish pending alerts in order; on a broker failure, retry next time round."""
         while self._alerts:
             try:
-                self._out.publish(self._alerts[0])
+                self.publisher.publish(self._alerts[0])
             except Exception as error:  # the broker is away; the consumer reconnects too
                 log.warning("cannot publish a %s alert yet: %s", ALERT_KIND, error)
                 return
@@ -276,9 +264,3 @@ class RuleEngine(ContractConsumer):
 
     def stop(self) -> None:
         self.should_stop = True
-
-    def run(self, _tokens: int = 1, **kwargs: Any) -> None:
-        try:
-            super().run(_tokens, **kwargs)
-        finally:
-            self._output.release()
