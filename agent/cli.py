@@ -8,32 +8,22 @@ stdout, progress, warnings and errors to stderr.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from types import TracebackType
 
 import click
 from rich import box
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from agent.actions.backup import BackupOutcome, run_backup
 from agent.actions.keys import generate_identity
 from agent.actions.snapshots import SnapshotSummary, latest, list_snapshots
 from agent.context import RepoContext, repo_command, reported_errors
+from agent.display import TransferProgress, human_duration, human_size
 from broker.cli import keys_group
-from broker.snapshot import SnapshotRecord
 from muster import __version__
 
 MAX_WARNINGS_SHOWN = 20
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
 def register(root: click.Group) -> None:
@@ -63,7 +53,10 @@ def backup_command(context: RepoContext, as_json: bool) -> None:
     else:
         parent = latest(context.repo)
         full = parent is None or parent.chain + 1 >= context.job.full_every
-        with BackupProgress(stderr, context.name, parent, full) as progress:
+        label = f"{context.name} {'full' if full else 'incremental'}"
+        expected = parent.stats if parent else None
+        files, size = (expected.files, expected.bytes) if expected else (None, None)
+        with TransferProgress(stderr, label, files, size) as progress:
             outcome = run_backup(
                 context.job, context.repo, identity, context.cache, __version__, progress.update
             )
@@ -105,72 +98,6 @@ def show_warnings(warnings: list[str]) -> None:
         click.echo(
             f"  ... and {len(warnings) - MAX_WARNINGS_SHOWN} more (--json lists all)", err=True
         )
-
-
-class BackupProgress:
-    """A progress bar fed by `run_backup`'s callback (files done, bytes done or read).
-
-    The previous snapshot gives the expected totals, its files and bytes; without one the
-    bar is indeterminate.
-    """
-
-    INTERVAL = 0.1  # seconds between redraws; the callback comes once per entry
-
-    def __init__(
-        self, console: Console, name: str, parent: SnapshotRecord | None, full: bool
-    ) -> None:
-        self._files_total = parent.stats.files if parent else None
-        self._bytes_total = parent.stats.bytes if parent else None
-        self._by_bytes = bool(self._bytes_total)
-        self._progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        kind = "full" if full else "incremental"
-        total = self._bytes_total if self._by_bytes else self._files_total
-        self._task = self._progress.add_task(f"{name} {kind}", total=total or None, detail="")
-        self._started = time.monotonic()
-        self._shown = 0.0
-        self.files = 0
-        self.bytes = 0
-
-    def __enter__(self) -> BackupProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if kind is None:
-            self._redraw()
-        self._progress.stop()
-
-    def update(self, files: int, bytes_read: int) -> None:
-        self.files, self.bytes = files, bytes_read
-        now = time.monotonic()
-        if now - self._shown >= self.INTERVAL:
-            self._shown = now
-            self._redraw()
-
-    def detail(self) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        files = f"{self.files:,}" + (f"/{self._files_total:,}" if self._files_total else "")
-        read = human_size(self.bytes) + (
-            f"/{human_size(self._bytes_total)}" if self._bytes_total else ""
-        )
-        return f"{files} files  {read}  {human_size(self.bytes / elapsed)}/s"
-
-    def _redraw(self) -> None:
-        completed = self.bytes if self._by_bytes else self.files
-        self._progress.update(self._task, completed=completed, detail=self.detail())
 
 
 # -- muster snapshots ----------------------------------------------------------------------
@@ -237,24 +164,6 @@ def keys_generate_command(keyfile: Path) -> None:
 
 
 # -- formatting ----------------------------------------------------------------------------
-
-
-def human_size(size: float) -> str:
-    """IEC units with one decimal: 1.2 GiB, 512 B."""
-    value = float(size)
-    for unit in _UNITS:
-        if abs(round(value, 1)) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def local_time(summary: SnapshotSummary) -> str:

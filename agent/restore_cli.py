@@ -20,18 +20,15 @@ import os
 import stat
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import click
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from agent.actions.find import Match, run_find
@@ -42,8 +39,8 @@ from agent.actions.verify import VerifyOutcome, run_verify
 from agent.actions.versions import Version, run_versions
 from agent.archive import Archive, NoSnapshot, inside, under
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_entries, write_entries
-from agent.cli import human_duration, human_size
 from agent.context import CommandError, RepoContext, repo_command, repository_key
+from agent.display import TransferProgress, human_duration, human_size
 from agent.retention import POLICY_EMPTY
 from agent.when import BadWhen, parse_when
 from broker.plan import Retention
@@ -368,57 +365,6 @@ def _describe_entry(entry: Entry) -> str:
     return f"{human_size(entry.size)}, modified {local_mtime(entry)}"
 
 
-class RestoreProgress:
-    """A progress bar fed by `run_restore`'s callback (files written, bytes written)."""
-
-    INTERVAL = 0.1
-
-    def __init__(self, console: Console, files: int, total: int) -> None:
-        self._files_total = files
-        self._total = total
-        self._progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]restoring"),
-            BarColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self._task = self._progress.add_task("restore", total=total or None, detail="")
-        self._started = time.monotonic()
-        self._shown = 0.0
-        self.files = 0
-        self.bytes = 0
-
-    def __enter__(self) -> RestoreProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._progress.stop()
-
-    def update(self, files: int, bytes_done: int) -> None:
-        self.files, self.bytes = files, bytes_done
-        now = time.monotonic()
-        if now - self._shown >= self.INTERVAL:
-            self._shown = now
-            self._progress.update(self._task, completed=bytes_done, detail=self.detail())
-
-    def detail(self) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        return (
-            f"{self.files:,}/{self._files_total:,} files  "
-            f"{human_size(self.bytes)}/{human_size(self._total)}  "
-            f"{human_size(self.bytes / elapsed)}/s"
-        )
-
-
 @click.command("restore")
 @repo_command()
 @click.argument("wanted", nargs=-1, required=True, metavar="PATH...")
@@ -470,7 +416,7 @@ def restore_command(
         if as_json or not stderr.is_terminal or not large:
             outcome = restore()
         else:
-            with RestoreProgress(stderr, plan.files, plan.bytes) as bar:
+            with TransferProgress(stderr, "restoring", plan.files, plan.bytes) as bar:
                 outcome = restore(bar.update)
     snapshots = {r.id: r for r in plan.snapshots.values()}
     if as_json:

@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from agent import age
-from agent.cli import BackupProgress, human_duration, human_size
 from agent.context import (
     AD_HOC_JOB,
     ContextError,
@@ -28,6 +27,7 @@ from agent.context import (
     sanitise_node,
     target_url,
 )
+from agent.display import TransferProgress, human_duration, human_size
 from agent.storage import parse_repo_url
 from broker.plan import LocalTarget, Plan, S3Target, SwiftTarget
 from broker.signing import generate_signing_key, sign_plan
@@ -469,18 +469,17 @@ def progress_console() -> Console:
     return Console(file=io.StringIO(), force_terminal=True, width=200)
 
 
-def test_progress_counts_bytes_against_the_previous_snapshot() -> None:
-    for full in (True, False):
-        progress = BackupProgress(progress_console(), "web1/etc", record(9, 1, 4096), full=full)
-        with progress:
-            progress.update(3, 1024)
-            task = progress._progress.tasks[0]
-            assert (task.total, task.completed) == (4096, 1024)
-            assert progress.detail().startswith("3/9 files  1.0 KiB/4.0 KiB  ")
+def test_progress_counts_bytes_against_the_expected_totals() -> None:
+    progress = TransferProgress(progress_console(), "web1/etc full", 9, 4096)
+    with progress:
+        progress.update(3, 1024)
+        task = progress._progress.tasks[0]
+        assert (task.total, task.completed) == (4096, 1024)
+        assert progress.detail().startswith("3/9 files  1.0 KiB/4.0 KiB  ")
 
 
 def test_progress_without_parent_is_indeterminate() -> None:
-    progress = BackupProgress(progress_console(), "web1/etc", None, full=True)
+    progress = TransferProgress(progress_console(), "web1/etc", None, None)
     with progress:
         progress.update(7, 100)
         assert progress._progress.tasks[0].total is None

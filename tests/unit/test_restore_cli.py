@@ -18,8 +18,9 @@ from rich.console import Console
 from agent import age, restore_cli
 from agent.actions.restore import run_restore
 from agent.context import RepoOptions, resolve
+from agent.display import TransferProgress
 from agent.repository import Repository
-from agent.restore_cli import ReadOnce, RestoreProgress, plan_restore
+from agent.restore_cli import ReadOnce, plan_restore
 from muster.cli import cli
 
 NODE = "web1"
@@ -371,7 +372,7 @@ def test_interactive_means_both_ends_are_terminals(monkeypatch: pytest.MonkeyPat
 
 def test_restore_progress_counts_bytes() -> None:
     console = Console(file=io.StringIO(), force_terminal=True, width=200)
-    with RestoreProgress(console, files=4, total=8192) as progress:
+    with TransferProgress(console, "restoring", 4, 8192) as progress:
         progress.update(1, 2048)
         task = progress._progress.tasks[0]
         assert (task.total, task.completed) == (8192, 2048)
@@ -389,7 +390,7 @@ def test_restore_shows_progress_on_a_terminal(
         return Console(**options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(restore_cli, "Console", console)
-    monkeypatch.setattr(restore_cli.RestoreProgress, "INTERVAL", 0.0)
+    monkeypatch.setattr(TransferProgress, "INTERVAL", 0.0)
     monkeypatch.setattr(restore_cli, "PROGRESS_MIN_FILES", 3)
     out = backed_up.tmp / "out"
     result = ok(backed_up.run("restore", "--to", out, backed_up.source))
