@@ -24,6 +24,7 @@ def age_cli() -> None:
     missing = [tool for tool in ("age", "age-keygen") if not shutil.which(tool)]
     assert not missing, f"{missing} not installed: run tests/services/install-system.sh"
 
+
 SIZES = [0, 1, age.CHUNK_SIZE, 5 * 1024 * 1024 + 12345]
 IDS = ["0B", "1B", "64KiB", "5MiB"]
 
