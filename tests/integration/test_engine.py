@@ -142,6 +142,8 @@ def test_backup_incremental_and_restore_round_trip(tmp_path, target):
     outcome = node.restore(latest)
     assert outcome.errors == []
     assert tree_state(restored_root(latest, node.source)) == tree_state(node.source)
+    sparse = (restored_root(latest, node.source) / "data" / "sparse").stat()
+    assert sparse.st_blocks * 512 < sparse.st_size, "a sparse file comes back sparse"
 
     older = tmp_path / "older"
     assert node.restore(older, at=first.record.id).errors == []
