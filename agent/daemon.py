@@ -33,7 +33,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from amqp.exceptions import AMQPError
 from kombu import Connection, Consumer
+from kombu.exceptions import KombuError
 from kombu.message import Message as Delivery
 
 from agent import age
@@ -497,8 +499,9 @@ class Agent:
             self.emit(self._alert("resolved", "the node accepted a valid plan again", details))
         if changed:
             plan = message.plan
-            log.warning("new plan %s issued %s: %d jobs", plan.content_hash(), plan.issued,
-                        len(plan.jobs))  # fmt: skip
+            log.warning(
+                "new plan %s issued %s: %d jobs", plan.content_hash(), plan.issued, len(plan.jobs)
+            )
             self.scheduler.set_plan(plan)
             self._wake.set()
             return "accepted"
@@ -559,9 +562,15 @@ class Agent:
             self.scheduler.finished(left, "interrupted")
 
     def _report(self, result: RunResult) -> None:
-        level = logging.INFO if result.status in ("success", "warning") else logging.ERROR
-        log.log(level, "%s of job %s: %s%s", result.kind, result.job, result.status,
-                f" ({result.error})" if result.error else "")  # fmt: skip
+        levels = {"success": logging.INFO, "warning": logging.INFO, "interrupted": logging.WARNING}
+        log.log(
+            levels.get(result.status, logging.ERROR),
+            "%s of job %s: %s%s",
+            result.kind,
+            result.job,
+            result.status,
+            f" ({result.error})" if result.error else "",
+        )
         self.emit(result)
 
     def _abandoned(self, task: Task) -> None:
@@ -585,22 +594,28 @@ class Agent:
 
     def _broker(self) -> None:
         backoff = Backoff(maximum=self.settings.reconnect_max)
+        urls = self.settings.broker_urls
         while not self.closing.is_set():
             try:
-                with connect(self.settings.broker_urls, self.settings.heartbeat) as connection:
-                    connection.connect()
+                with connect(urls, self.settings.heartbeat) as connection:
+                    # each URL once, without kombu's own sleeps: the backoff is ours
+                    connection.ensure_connection(
+                        max_retries=len(urls) - 1, interval_start=0, interval_step=0
+                    )
                     self._session(connection, backoff)
                 return
             except Exception as error:
                 self.connected.clear()
                 delay = backoff.next()
-                log.warning(
+                expected = isinstance(error, OSError | KombuError | AMQPError)
+                log.log(
+                    logging.WARNING if expected else logging.ERROR,
                     "broker %s unreachable (%s); %d messages spooled; retrying in %.1f s",
                     redact(self.settings.broker_url),
-                    redact(str(error)),
+                    redact(str(error) or type(error).__name__),
                     len(self.spool),
                     delay,
-                    exc_info=log.isEnabledFor(logging.DEBUG),
+                    exc_info=not expected or log.isEnabledFor(logging.DEBUG),
                 )
                 self.closing.wait(delay)
 
