@@ -171,6 +171,8 @@ def _tail(path: Path, limit: int = 600) -> str:
 
 
 def tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
     total = 0
     for dirpath, _, names in os.walk(path):
         for name in names:
@@ -689,8 +691,32 @@ class Bench:
             "profiles": self.profiles,
             "mutations": self.mutations,
             "manifest": asdict(self.manifest) if self.manifest else None,
+            "repo_sizes": self.repo_sizes,
+            "fingerprint": self.fingerprint,
+            "started": self.started.isoformat(),
+            "notes": self.notes,
+            "run": {"scale": self.scale, "rounds": self.rounds, "targets": self.targets},
         }
         (self.work / "results.json").write_text(json.dumps(raw, indent=1, default=str))
+
+    def load_raw(self, path: Path) -> None:
+        """Take the numbers of an earlier run (its results.json) to render them again."""
+        raw = json.loads(path.read_text())
+        for scenario, tools in raw["results"].items():
+            for tool, samples in tools.items():
+                self.results[scenario][tool] = [Sample(**sample) for sample in samples]
+        self.checks, self.profiles = raw["checks"], raw["profiles"]
+        self.mutations, self.notes = raw["mutations"], raw.get("notes", [])
+        self.manifest = dataset.Manifest(**raw["manifest"]) if raw["manifest"] else None
+        self.repo_sizes = defaultdict(list, raw.get("repo_sizes", {}))
+        self.fingerprint = raw.get("fingerprint", "")
+        if "started" in raw:
+            self.started = datetime.datetime.fromisoformat(raw["started"])
+        run = raw.get("run", {})
+        self.scale = run.get("scale", self.scale)
+        self.rounds = run.get("rounds", self.rounds)
+        self.targets = run.get("targets", self.targets)
+        self.work = path.parent
 
     def write_report(self) -> None:
         text = render(self)
@@ -782,6 +808,13 @@ def evaluate(bench: Bench) -> list[Target]:
     def med(scenario: str, tool: str) -> float | None:
         return median(results.get(scenario, {}).get(tool, []))
 
+    def per_round(scenario: str, base: str) -> str:
+        """Each round's ratio: the two ran side by side in that round."""
+        mine = results.get(scenario, {}).get("muster", [])
+        theirs = results.get(scenario, {}).get(base, [])
+        ratios = [m.seconds / t.seconds for m, t in zip(mine, theirs, strict=False) if t.seconds]
+        return f" (per round: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+
     def valid(scenario: str, tool: str = "muster") -> bool:
         samples = results.get(scenario, {}).get(tool, [])
         return bool(samples) and all(s.ok for s in samples)
@@ -792,14 +825,21 @@ def evaluate(bench: Bench) -> list[Target]:
         ratio = muster / plain
         met = ratio <= 1.3 and valid("full")
         targets.append(
-            Target("Full backup", "<= 1.3x plain pipeline", f"{ratio:.2f}x", met, "full")
+            Target(
+                "Full backup",
+                "<= 1.3x plain pipeline",
+                f"{ratio:.2f}x" + per_round("full", "plain"),
+                met,
+                "full",
+            )
         )
     for key, title in (("nochange", "No-change backup"), ("change1", "1%-change backup")):
         muster, restic = med(key, "muster"), med(key, "restic")
         if muster and restic:
             ratio = muster / restic
             met = ratio <= 1 / 3 and valid(key)
-            targets.append(Target(title, "<= 1/3 of restic (0.33x)", f"{ratio:.2f}x", met, key))
+            shown = f"{ratio:.2f}x" + per_round(key, "restic")
+            targets.append(Target(title, "<= 1/3 of restic (0.33x)", shown, met, key))
     one = med("one_file", "muster")
     if one is not None:
         inner = detail_median(results["one_file"]["muster"], "in_process_seconds")
@@ -811,12 +851,13 @@ def evaluate(bench: Bench) -> list[Target]:
         if muster and restic:
             ratio = muster / restic
             ok = valid(key)
-            shown = f"{ratio:.2f}x restic" + ("" if ok else " (with errors: see below)")
+            shown = f"{ratio:.2f}x restic" + per_round(key, "restic")
+            shown += "" if ok else "; with errors, see below"
             targets.append(Target(title, "faster than restic (< 1x)", shown, ratio < 1 and ok, key))
     peaks = [
         (s.peak_kib * 1024, scenario)
-        for scenario in ("full", "nochange", "change1", "one_file", "full_restore", "verify")
-        for s in results.get(scenario, {}).get("muster", [])
+        for scenario in results
+        for s in results[scenario].get("muster", [])
     ]
     if peaks:
         peak, where = max(peaks)
@@ -1014,6 +1055,7 @@ def render(bench: Bench) -> str:
         lines += _scenario_table(bench, scenario)
     lines += _volume_table(bench)
     lines += _swift_table(bench)
+    lines += _memory(bench, targets)
     lines += _problems(bench)
     lines += _profiles(bench, targets)
     if bench.notes:
@@ -1056,7 +1098,9 @@ def _scenario_table(bench: Bench, scenario: Scenario) -> list[str]:
         value = median(samples)
         ratio = f"{value / base:.2f}" if value is not None and base else "-"
         failed = sum(not s.ok for s in samples)
-        name = TOOL_NAMES[tool] + (f" ({failed} of {len(samples)} runs failed)" if failed else "")
+        name = TOOL_NAMES[tool] + (
+            f" (errors in {failed} of {len(samples)} runs)" if failed else ""
+        )
         row = f"| {name} | {_seconds(samples)} | {_spread(samples)} | {ratio} | {_peak(samples)}"
         if scenario.key == "change1":
             added = detail_median(samples, "repo_bytes_added")
@@ -1173,6 +1217,32 @@ def _swift_table(bench: Bench) -> list[str]:
     ]
 
 
+def _memory(bench: Bench, targets: list[Target]) -> list[str]:
+    """Every Muster step's peak RSS, when the memory target was missed."""
+    if all(t.met is not False for t in targets if t.name.startswith("Peak memory")):
+        return []
+    rows = []
+    for scenario, tools in bench.results.items():
+        samples = tools.get("muster", [])
+        if samples:
+            peak = max(s.peak_kib for s in samples) * 1024
+            rows.append((peak, scenario))
+    baseline = min(rows)[0] if rows else 0
+    lines = [
+        "### Muster's peak memory by step",
+        "",
+        f"The smallest peak ({baseline / 1e6:.0f} MB) is about what the interpreter and "
+        "Muster's imports take; the rest is the step's own.",
+        "",
+        "| Step | Peak RSS (MB) | Over the smallest (MB) |",
+        "| --- | --- | --- |",
+    ]
+    for peak, scenario in sorted(rows, reverse=True):
+        mark = " **over 150**" if peak >= MEMORY_LIMIT else ""
+        lines.append(f"| {scenario} | {peak / 1e6:.0f}{mark} | {(peak - baseline) / 1e6:.0f} |")
+    return [*lines, ""]
+
+
 def _problems(bench: Bench) -> list[str]:
     found = []
     for scenario, tools in bench.results.items():
@@ -1182,7 +1252,7 @@ def _problems(bench: Bench) -> list[str]:
                 if sample.ok and not errors:
                     continue
                 what = sample.detail.get("error_samples") or [sample.detail.get("stderr", "")]
-                text = str(what[0]).replace("\n", " ")[:300]
+                text = _short(str(what[0]).replace("\n", " "), 200)
                 count = f"{errors} errors" if errors else "failed"
                 found.append(f"- {scenario}, {TOOL_NAMES[tool]}, run {number}: {count}: `{text}`")
     for tool, check in bench.checks.items():
@@ -1245,11 +1315,22 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("/tmp/bench-services"),
         help="MUSTER_SERVICES_DIR for the Swift this run starts",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: write --out again from an earlier run's results.json",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.scale <= 0:
         parser.error("--rounds must be at least 1 and --scale positive")
     try:
-        Bench(args).run()
+        bench = Bench(args)
+        if args.render:
+            bench.load_raw(args.render)
+            bench.write_report()
+        else:
+            bench.run()
     except BenchError as error:
         print(f"bench: {error}", file=sys.stderr)
         return 2
