@@ -12,6 +12,7 @@ from agent.restore_cli import register_restore_commands
 from broker.cli import broker_group, keys_group
 from broker.errors import ContractError
 from muster import __version__
+from reporter.cli import register as register_reporter_commands
 from ruleengine.cli import register as register_ruleengine_commands
 
 
@@ -38,6 +39,7 @@ register_agent_commands(cli)
 register_daemon_commands(cli)
 register_ruleengine_commands(cli)
 register_restore_commands(cli)
+register_reporter_commands(cli)
 
 
 def main() -> None:

@@ -1,0 +1,382 @@
+"""Messages to MongoDB writes: a batch of deliveries becomes a few bulk writes.
+
+Everything here is pure (no server), so the unit tests hold the rules directly:
+
+- **Coalescing.** Messages about one document (a node's keepalives, a run's progress) are
+  merged into one update per batch: the number of writes follows the number of distinct
+  nodes, runs and jobs in a batch, not the number of messages.
+- **Idempotence.** Every write is keyed by `_id` (node, `<node>/<job>`, `<node>/<run_id>`,
+  alert key) or, for alert history, by message id, so a redelivered message rewrites what
+  it wrote before and never adds a document.
+- **Monotonic guards.** Each field group remembers the time of the message that set it and
+  is replaced only by a newer one (an aggregation-pipeline update with `$cond`), so an old
+  message redelivered late (a requeued `run_status`, a spooled keepalive) never overwrites
+  a newer state, and a run's result always wins over its progress.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from pymongo import InsertOne, UpdateOne
+
+from broker.messages import Alert, Announce, AnyMessage, Keepalive, RunResult, RunStatus
+from broker.plan import Plan
+from reporter.store import EPOCH
+
+SUCCESSFUL = ("success", "warning")  # a backup that exists, possibly with warnings
+FAILED = ("failure", "interrupted")
+MAX_WARNINGS = 50
+MAX_TEXT = 4000
+
+
+@lru_cache(maxsize=65536)
+def empty_plan_hash(node: str) -> str:
+    """The hash a node reports when its plan has no job: computable, since `issued` is
+    left out of the content hash."""
+    return Plan(node=node, issued=EPOCH, jobs=[]).content_hash()
+
+
+def lit(value: Any) -> dict[str, Any]:
+    """A constant inside an update pipeline: strings starting with '$' stay strings."""
+    return {"$literal": value}
+
+
+def newer(time: datetime, stored: str) -> dict[str, Any]:
+    """True when `time` is later than the stored time at field path `stored`."""
+    return {"$gt": [time, {"$ifNull": [stored, EPOCH]}]}
+
+
+def pick(condition: dict[str, Any], value: Any, current: str) -> dict[str, Any]:
+    return {"$cond": [condition, lit(value), current]}
+
+
+@dataclass
+class Write:
+    """One write for one collection, and which messages of the batch it carries."""
+
+    collection: str
+    operation: InsertOne | UpdateOne
+    messages: list[int]
+    duplicate_ok: bool = False  # an insert keyed by message id: a duplicate means "done"
+
+
+@dataclass
+class Writes:
+    """All writes for one batch, by collection, plus what was ignored."""
+
+    by_collection: dict[str, list[Write]] = field(default_factory=lambda: defaultdict(list))
+    ignored: list[int] = field(default_factory=list)
+
+    def add(self, write: Write) -> None:
+        self.by_collection[write.collection].append(write)
+
+    def count(self) -> int:
+        return sum(len(writes) for writes in self.by_collection.values())
+
+
+def build_writes(
+    messages: Sequence[AnyMessage],
+    received: datetime,
+    *,
+    default_interval: int = 20,
+    history: int = 5,
+) -> Writes:
+    """The writes that record `messages`, received at `received` (the reporter's clock)."""
+    writes = Writes()
+    nodes: dict[str, list[int]] = defaultdict(list)
+    runs: dict[tuple[str, str], list[int]] = defaultdict(list)
+    jobs: dict[tuple[str, str], list[int]] = defaultdict(list)
+    alerts: dict[str, list[int]] = defaultdict(list)
+    for index, message in enumerate(messages):
+        if isinstance(message, Announce | Keepalive):
+            nodes[message.node].append(index)
+        elif isinstance(message, RunStatus):
+            runs[(message.node, message.run_id)].append(index)
+        elif isinstance(message, RunResult):
+            runs[(message.node, message.run_id)].append(index)
+            if message.kind in ("backup", "verify"):
+                jobs[(message.node, message.job)].append(index)
+        elif isinstance(message, Alert):
+            alerts[message.key].append(index)
+            writes.add(Write("alert_history", InsertOne(history_document(message)), [index], True))
+        else:
+            writes.ignored.append(index)  # plans: the reporter's queue is not bound to them
+    for node, indices in nodes.items():
+        group = [messages[i] for i in indices]
+        writes.add(Write("nodes", node_update(node, group, received, default_interval), indices))
+    for (node, run_id), indices in runs.items():
+        group = [messages[i] for i in indices]
+        writes.add(Write("runs", run_update(node, run_id, group), indices))
+    for (node, job), indices in jobs.items():
+        group = [messages[i] for i in indices]
+        writes.add(Write("jobs", job_update(node, job, group, history), indices))
+    for key, indices in alerts.items():
+        group = [messages[i] for i in indices]
+        writes.add(Write("alerts", alert_update(key, group), indices))
+    return writes
+
+
+def newest(messages: Iterable[Any], key: str = "time") -> Any:
+    return max(messages, key=lambda message: getattr(message, key))
+
+
+# -- nodes ----------------------------------------------------------------------------------
+
+
+def node_update(
+    node: str, messages: Sequence[Announce | Keepalive], received: datetime, default_interval: int
+) -> UpdateOne:
+    """Announces and keepalives of one node, merged.
+
+    `last_seen` is the newest message's own time, but never later than its reception: an
+    agent whose clock runs ahead cannot hide its silence, and a backlog replayed after an
+    outage still shows when each node was last heard of. `due` (last_seen + interval) is
+    when the next keepalive should arrive; the watchdog looks only at nodes past it.
+    """
+    times = [message.time for message in messages]
+    state = newest(messages)
+    seen = min(max(times), received)
+    fields: dict[str, Any] = {
+        "node": lit(node),
+        "first_seen": {"$min": ["$first_seen", min(times)]},
+        "last_seen": {"$max": ["$last_seen", seen]},
+        "received": {"$max": ["$received", received]},
+        "state_time": {"$max": ["$state_time", state.time]},
+        "plan_hash": pick(newer(state.time, "$state_time"), state.plan_hash, "$plan_hash"),
+        "unprotected": pick(
+            newer(state.time, "$state_time"),
+            state.plan_hash == empty_plan_hash(node),
+            "$unprotected",
+        ),
+    }
+    keepalives = [message for message in messages if isinstance(message, Keepalive)]
+    if keepalives:
+        keepalive = newest(keepalives)
+        is_newer = newer(keepalive.time, "$keepalive_time")
+        fields["keepalive_time"] = {"$max": ["$keepalive_time", keepalive.time]}
+        fields["keepalive_interval"] = pick(is_newer, keepalive.interval, "$keepalive_interval")
+        fields["uptime"] = pick(is_newer, keepalive.uptime, "$uptime")
+        fields["running"] = pick(is_newer, list(keepalive.running), "$running")
+        fields["skew"] = pick(
+            is_newer, round((received - keepalive.time).total_seconds(), 3), "$skew"
+        )
+    with_facts = [message for message in messages if message.facts is not None]
+    if with_facts:
+        latest = newest(with_facts)
+        fields["facts_time"] = {"$max": ["$facts_time", latest.time]}
+        fields["facts"] = pick(
+            newer(latest.time, "$facts_time"), latest.facts.model_dump(mode="json"), "$facts"
+        )
+    announces = [message for message in messages if isinstance(message, Announce)]
+    if announces:
+        announce = newest(announces)
+        is_newer = newer(announce.time, "$announced")
+        fields["announced"] = {"$max": ["$announced", announce.time]}
+        fields["agent_version"] = pick(is_newer, announce.agent_version, "$agent_version")
+        fields["recipient"] = pick(is_newer, announce.recipient, "$recipient")
+    interval = {"$ifNull": ["$keepalive_interval", default_interval]}
+    due = {"$add": ["$last_seen", {"$multiply": [interval, 1000]}]}
+    return UpdateOne({"_id": node}, [{"$set": fields}, {"$set": {"due": due}}], upsert=True)
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+
+def run_id_of(node: str, run_id: str) -> str:
+    return f"{node}/{run_id}"
+
+
+def run_update(node: str, run_id: str, messages: Sequence[RunStatus | RunResult]) -> UpdateOne:
+    """One run: its result, if the batch holds one, else its newest progress."""
+    results = [message for message in messages if isinstance(message, RunResult)]
+    statuses = [message for message in messages if isinstance(message, RunStatus)]
+    key = {"_id": run_id_of(node, run_id)}
+    if results:
+        result = newest(results)
+        document = result_document(result)
+        update: dict[str, Any] = {"$set": document}
+        if statuses:
+            update["$min"] = {"first_status": min(status.time for status in statuses)}
+        return UpdateOne(key, update, upsert=True)
+    status = newest(statuses)
+    progress = {
+        "time": status.time,
+        "phase": status.phase,
+        "files_done": status.files_done,
+        "bytes_done": status.bytes_done,
+        "files_total": status.files_total,
+        "bytes_total": status.bytes_total,
+        "message_id": status.id,
+    }
+    not_final = {"$ne": [{"$ifNull": ["$final", False]}, True]}
+    fields = {
+        "node": lit(node),
+        "job": lit(status.job),
+        "run_id": lit(run_id),
+        "kind": lit(status.kind),
+        "first_status": {"$min": ["$first_status", min(s.time for s in statuses)]},
+        "progress": pick(
+            {"$and": [not_final, newer(status.time, "$progress.time")]}, progress, "$progress"
+        ),
+        "state": {"$cond": [not_final, "running", "$state"]},
+        "final": {"$ifNull": ["$final", False]},
+    }
+    return UpdateOne(key, [{"$set": fields}], upsert=True)
+
+
+def result_document(result: RunResult) -> dict[str, Any]:
+    return {
+        "node": result.node,
+        "job": result.job,
+        "run_id": result.run_id,
+        "kind": result.kind,
+        "state": result.status,
+        "final": True,
+        "started": result.started,
+        "finished": result.finished,
+        "duration": round((result.finished - result.started).total_seconds(), 3),
+        "snapshot": result.snapshot,
+        "full": result.full,
+        "stats": result.stats.model_dump(mode="json"),
+        "warnings": [text[:MAX_TEXT] for text in result.warnings[:MAX_WARNINGS]],
+        "warning_count": len(result.warnings),
+        "error": result.error[:MAX_TEXT] if result.error else None,
+        "hooks": [hook.model_dump(mode="json") for hook in result.hooks],
+        "result_id": result.id,
+        "result_time": result.time,
+    }
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+def backup_summary(result: RunResult) -> dict[str, Any]:
+    return {
+        "time": result.finished,
+        "started": result.started,
+        "status": result.status,
+        "run_id": result.run_id,
+        "duration": round((result.finished - result.started).total_seconds(), 3),
+        "files": result.stats.files,
+        "bytes_read": result.stats.bytes_read,
+        "bytes_stored": result.stats.bytes_stored,
+        "snapshot": result.snapshot,
+        "full": result.full,
+        "error": result.error[:MAX_TEXT] if result.error else None,
+    }
+
+
+def verify_summary(result: RunResult) -> dict[str, Any]:
+    return {
+        "time": result.finished,
+        "status": result.status,
+        "run_id": result.run_id,
+        "duration": round((result.finished - result.started).total_seconds(), 3),
+        "files_checked": result.stats.files_checked,
+        "files_failed": result.stats.files_failed,
+        "volumes_tested": result.stats.volumes_tested,
+        "coverage": result.stats.coverage,
+        "snapshot": result.snapshot,
+        "error": result.error[:MAX_TEXT] if result.error else None,
+    }
+
+
+def job_update(node: str, job: str, results: Sequence[RunResult], history: int) -> UpdateOne:
+    """What the watchdog and `muster status` need per job: the newest backup, success,
+    failure and restore test, and the finish times of the last `history` successes
+    (a set, kept sorted: a redelivered result adds nothing)."""
+    fields: dict[str, Any] = {
+        "node": lit(node),
+        "job": lit(job),
+        "first_result": {"$min": ["$first_result", min(r.finished for r in results)]},
+    }
+
+    def latest(name: str, chosen: list[RunResult], summary: Any) -> None:
+        if chosen:
+            last = newest(chosen, "finished")
+            fields[name] = pick(newer(last.finished, f"${name}.time"), summary(last), f"${name}")
+
+    backups = [result for result in results if result.kind == "backup"]
+    successes = [result for result in backups if result.status in SUCCESSFUL]
+    latest("last_backup", backups, backup_summary)
+    latest("last_success", successes, backup_summary)
+    latest("last_failure", [r for r in backups if r.status in FAILED], backup_summary)
+    if successes:
+        times = [result.finished for result in successes]
+        union = {"$setUnion": [{"$ifNull": ["$success_times", []]}, times]}
+        fields["success_times"] = {
+            "$slice": [{"$sortArray": {"input": union, "sortBy": 1}}, -history]
+        }
+    verifies = [result for result in results if result.kind == "verify"]
+    latest("last_verify", verifies, verify_summary)
+    latest("last_verify_success", [r for r in verifies if r.status in SUCCESSFUL], verify_summary)
+    return UpdateOne({"_id": f"{node}/{job}"}, [{"$set": fields}], upsert=True)
+
+
+# -- alerts ---------------------------------------------------------------------------------
+
+
+def history_document(alert: Alert) -> dict[str, Any]:
+    return {
+        "_id": alert.id,
+        "key": alert.key,
+        "kind": alert.kind,
+        "state": alert.state,
+        "severity": alert.severity,
+        "source": alert.source,
+        "node": alert.node,
+        "job": alert.job,
+        "summary": alert.summary[:MAX_TEXT],
+        "details": alert.details,
+        "time": alert.time,
+    }
+
+
+def alert_fields(alert: Alert, published: bool) -> dict[str, Any]:
+    """The alert document's fields that one state change sets."""
+    return {
+        "key": alert.key,
+        "kind": alert.kind,
+        "state": alert.state,
+        "severity": alert.severity,
+        "source": alert.source,
+        "node": alert.node,
+        "job": alert.job,
+        "summary": alert.summary[:MAX_TEXT],
+        "details": alert.details,
+        "change_time": alert.time,
+        "message_id": alert.id,
+        "published": published,
+        "resolved_at": alert.time if alert.state == "resolved" else None,
+    }
+
+
+def alert_update(key: str, alerts: Sequence[Alert]) -> UpdateOne:
+    """Alerts received on the broker.
+
+    The reporter's own alerts come back on `alert.#` too: their document was written by the
+    watchdog before it published them, so an echo only confirms the publication (and is
+    kept in the history). Alerts from agents and rule engines replace the document when
+    they are newer than the state it holds; `opened` keeps the time the condition began.
+    """
+    last = newest(alerts)
+    if last.source == "reporter":
+        return UpdateOne(
+            {"_id": key, "message_id": {"$in": [alert.id for alert in alerts]}},
+            {"$set": {"published": True}},
+        )
+    changes: list[dict[str, Any]] = [lit(alert_fields(last, published=True))]
+    if last.state == "open":
+        changes.append({"opened": {"$cond": [{"$eq": ["$state", "open"]}, "$opened", last.time]}})
+    merged = {"$mergeObjects": ["$$ROOT", *changes]}
+    return UpdateOne(
+        {"_id": key},
+        [{"$replaceWith": {"$cond": [newer(last.time, "$change_time"), merged, "$$ROOT"]}}],
+        upsert=True,
+    )

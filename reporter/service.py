@@ -1,0 +1,263 @@
+"""The reporter process: `muster.reporter` in, MongoDB out, in batches.
+
+Deliveries are decoded as they arrive (an invalid one is dead-lettered and acknowledged at
+once, as by every `ContractConsumer`) and held, unacknowledged, in a batch. The batch is
+written when it holds `batch_size` messages or its oldest has waited `flush_interval`
+seconds: one unordered bulk write per collection, then one journaled barrier write, then
+one acknowledgement (`multiple`) for the whole batch. A message is therefore acknowledged
+only once what it says is durable in MongoDB; a crash before that leaves it unacknowledged
+and RabbitMQ delivers it again, which rewrites the same documents (see reporter.ingest).
+
+When MongoDB fails, the batch stays unacknowledged and is written again after a back-off
+(0.5 s doubling to `retry_max`). The prefetch count (2 x batch_size by default) bounds
+what RabbitMQ hands over meanwhile, so consuming stops by itself until MongoDB is back.
+Messages are never requeued for a MongoDB failure: a quorum queue dead-letters a message
+after five requeues, and an outage is not the message's fault. A write error that names a
+message (a document MongoDB refuses) requeues just that message, and the queue's
+delivery limit dead-letters it if it keeps failing.
+
+The watchdog (reporter.watchdog) runs between deliveries in the same thread, every
+`watchdog_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kombu import Connection
+from kombu.message import Message as Delivery
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from broker.codec import decode
+from broker.connection import ContractConsumer, body_bytes
+from broker.errors import InvalidMessage
+from broker.messages import AnyMessage
+from broker.reporter_config import ReporterSettings
+from broker.topology import REPORTER_QUEUE
+from broker.types import utcnow
+from reporter.ingest import Write, build_writes
+from reporter.store import Store
+from reporter.watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000
+# Writes go in this order: history first, alerts last; none depends on another.
+ORDER = ("alert_history", "runs", "jobs", "nodes", "alerts")
+
+
+@dataclass
+class Held:
+    delivery: Delivery | None
+    message: AnyMessage
+
+
+class StoreUnavailable(Exception):
+    """MongoDB could not take the batch; it stays unacknowledged and is retried."""
+
+
+def write_batch(
+    store: Store, messages: Sequence[AnyMessage], received: datetime, settings: ReporterSettings
+) -> set[int]:
+    """Write what `messages` say; returns the indices of messages MongoDB refused for good.
+
+    Raises StoreUnavailable when the batch must be retried as a whole.
+    """
+    writes = build_writes(
+        messages,
+        received,
+        default_interval=settings.default_keepalive_interval,
+        history=settings.overdue_history,
+    )
+    refused: set[int] = set()
+    try:
+        for name in ORDER:
+            batch = writes.by_collection.get(name)
+            if batch:
+                refused |= _bulk(store, name, batch)
+        store.barrier()
+    except PyMongoError as error:
+        raise StoreUnavailable(str(error)) from error
+    return refused
+
+
+def _bulk(store: Store, name: str, writes: list[Write], attempt: int = 0) -> set[int]:
+    try:
+        store.db[name].bulk_write([write.operation for write in writes], ordered=False)
+    except BulkWriteError as error:
+        details = error.details
+        if details.get("writeConcernErrors"):
+            raise
+        retry: list[Write] = []
+        refused: set[int] = set()
+        for problem in details.get("writeErrors", []):
+            write = writes[problem["index"]]
+            if problem.get("code") == DUPLICATE_KEY:
+                if write.duplicate_ok:
+                    continue  # an insert by message id that is already there
+                retry.append(write)  # two instances upserted the same new document
+            else:
+                log.error("MongoDB refused a %s write: %s", name, problem.get("errmsg"))
+                refused.update(write.messages)
+        if retry:
+            if attempt >= 2:
+                raise
+            refused |= _bulk(store, name, retry, attempt + 1)
+        return refused
+    return set()
+
+
+class Reporter(ContractConsumer):
+    """One reporter instance: a `ContractConsumer` on `muster.reporter` writing in batches."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        store: Store,
+        settings: ReporterSettings,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        instance: str | None = None,
+        watchdog: bool = True,
+    ) -> None:
+        super().__init__(
+            connection, [REPORTER_QUEUE], self._not_used, prefetch=settings.effective_prefetch
+        )
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.instance = instance or socket.gethostname()
+        self.ready = threading.Event()
+        self.counts: Counter[str] = Counter()
+        self.watchdog = Watchdog(store, self.publisher.publish, settings, clock)
+        self._watchdog_on = watchdog
+        self._held: list[Held] = []
+        self._oldest = 0.0
+        self._retry_at = 0.0
+        self._failures = 0
+        self._next_watchdog = 0.0
+        self.mongo_up = True
+        self.last_flush: dict[str, float] = {}
+
+    def _not_used(self, message: AnyMessage) -> None:  # pragma: no cover - see _on_message
+        raise AssertionError("the reporter handles deliveries in _on_message")
+
+    # -- kombu hooks --------------------------------------------------------------------
+
+    def run(self, _tokens: int = 1, **kwargs: Any) -> None:
+        kwargs.setdefault("safety_interval", min(0.2, self.settings.flush_interval))
+        super().run(_tokens, **kwargs)
+
+    def on_connection_revived(self) -> None:
+        """A new connection: deliveries held from the old one come again, with new tags."""
+        if self._held:
+            log.warning("broker connection lost: %d held messages come again", len(self._held))
+        self._held = []
+
+    def on_consume_ready(self, connection: Any, channel: Any, consumers: Sequence[Any]) -> None:
+        log.info(
+            "reporter %s consuming %s into %s/%s; batches of %d, prefetch %d",
+            self.instance,
+            REPORTER_QUEUE.name,
+            self.settings.mongo_url.split("@")[-1],
+            self.settings.database,
+            self.settings.batch_size,
+            self._prefetch,
+        )
+        self.ready.set()
+
+    def on_consume_end(self, connection: Any, channel: Any) -> None:
+        """Stopping: write and acknowledge what is held while the channel is still open."""
+        if self._held:
+            self.flush(force=True)
+
+    def _on_message(self, queue: str, delivery: Delivery) -> None:
+        try:
+            message = decode(body_bytes(delivery))
+        except InvalidMessage as error:
+            log.warning("dead-lettering a message from %s: %s", queue, error)
+            self.publisher.dead_letter(delivery, str(error), queue)
+            delivery.ack()
+            self.counts["dead_lettered"] += 1
+            return
+        if not self._held:
+            self._oldest = time.monotonic()
+        self._held.append(Held(delivery, message))
+        if len(self._held) >= self.settings.batch_size:
+            self.flush()
+
+    def on_iteration(self) -> None:
+        now = time.monotonic()
+        if self._held and now - self._oldest >= self.settings.flush_interval:
+            self.flush()
+        if self._watchdog_on and now >= self._next_watchdog:
+            self._next_watchdog = now + self.settings.watchdog_interval
+            self.run_watchdog()
+        super().on_iteration()
+
+    # -- batches ------------------------------------------------------------------------
+
+    def flush(self, force: bool = False) -> bool:
+        """Write the held batch and acknowledge it; False if MongoDB failed (kept, retried)."""
+        if not self._held or (not force and time.monotonic() < self._retry_at):
+            return False
+        held, started = self._held, time.monotonic()
+        try:
+            refused = write_batch(
+                self.store, [h.message for h in held], self.clock(), self.settings
+            )
+        except StoreUnavailable as error:
+            self._failures += 1
+            delay = min(0.5 * 2 ** (self._failures - 1), self.settings.retry_max)
+            self._retry_at = time.monotonic() + delay
+            self.mongo_up = False
+            self.counts["mongo_failures"] += 1
+            log.warning(
+                "MongoDB unavailable (%s); %d messages held unacknowledged, retry in %.1f s",
+                str(error).splitlines()[0][:300],
+                len(held),
+                delay,
+            )
+            return False
+        if not self.mongo_up:
+            log.warning("MongoDB is back: %d held messages written", len(held))
+        self._failures, self._retry_at, self.mongo_up = 0, 0.0, True
+        self._held = []
+        self._settle(held, refused)
+        for item in held:
+            self.counts[item.message.type] += 1
+        self.counts["batches"] += 1
+        self.last_flush = {"size": len(held), "seconds": time.monotonic() - started}
+        return True
+
+    def _settle(self, held: list[Held], refused: set[int]) -> None:
+        """Requeue what MongoDB refused, then acknowledge the rest with one `multiple` ack
+        of the last tag (every earlier tag is held in this batch or already settled)."""
+        last = None
+        for index, item in enumerate(held):
+            if item.delivery is None:
+                continue
+            if index in refused:
+                item.delivery.requeue()
+                self.counts["refused"] += 1
+            else:
+                last = item.delivery
+        if last is not None:
+            last.ack(multiple=True)
+
+    def run_watchdog(self) -> None:
+        try:
+            self.watchdog.tick()
+        except PyMongoError as error:
+            log.warning("watchdog skipped: MongoDB unavailable (%s)", str(error)[:300])
+
+    def stop(self) -> None:
+        self.should_stop = True

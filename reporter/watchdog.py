@@ -1,0 +1,382 @@
+"""The watchdog: alerts for silent nodes, overdue backups, failed restore tests and
+unprotected nodes, each raised and resolved by the reporter itself.
+
+It runs inside every reporter instance, every `watchdog_interval` seconds, and reads only
+MongoDB, so any number of instances may run it. A state change is claimed with one
+`findOneAndUpdate` whose filter matches only if the stored alert is not already in the
+wanted state: of two instances deciding the same change, one updates the document and
+publishes the `Alert`, the other matches nothing and publishes nothing.
+
+The alert document is written before the `Alert` is published, with `published: false`;
+a publish that fails (broker away) is retried by the next tick that finds the document
+still unpublished after `republish_after` seconds, with the same message id, so a
+subscriber that keeps ids sees each change once.
+
+The decisions themselves (`keepalive_verdict`, `overdue_verdict`, ...) are pure functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from broker.messages import Alert
+from broker.reporter_config import ReporterSettings
+from reporter.ingest import SUCCESSFUL, alert_fields, history_document
+from reporter.store import EPOCH, Store, as_utc
+
+log = logging.getLogger(__name__)
+
+REPORTER_KINDS = ("keepalive", "overdue", "restore_test", "unprotected")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a condition is now: None when it is clear, else the alert to hold open."""
+
+    severity: str
+    summary: str
+    details: dict[str, Any]
+
+
+def seconds(value: float) -> str:
+    """A duration for a summary: 45 s, 12 min, 3.5 h, 2.0 d."""
+    if value < 120:
+        return f"{value:.0f} s"
+    if value < 7200:
+        return f"{value / 60:.0f} min"
+    if value < 172800:
+        return f"{value / 3600:.1f} h"
+    return f"{value / 86400:.1f} d"
+
+
+def keepalive_verdict(
+    node: dict[str, Any], now: datetime, settings: ReporterSettings
+) -> Verdict | None:
+    last_seen = as_utc(node.get("last_seen"))
+    if last_seen is None:
+        return None
+    interval = node.get("keepalive_interval") or settings.default_keepalive_interval
+    silence = (now - last_seen).total_seconds()
+    missed = silence / interval
+    if missed < settings.keepalive_warning:
+        return None
+    severity = "critical" if missed >= settings.keepalive_critical else "warning"
+    summary = f"{node['_id']} silent for {seconds(silence)} ({missed:.1f} keepalive intervals)"
+    skew = node.get("skew")
+    if isinstance(skew, int | float) and abs(skew) > interval:
+        summary += f"; its clock was {skew:+.0f} s off"
+    details = {
+        "last_seen": last_seen.isoformat(),
+        "interval": interval,
+        "silent_seconds": round(silence, 1),
+    }
+    return Verdict(severity, summary, details)
+
+
+def usual_interval(success_times: list[datetime]) -> float | None:
+    """The upper median of the gaps between recent successful backups; None with fewer
+    than two gaps (a single gap may be a manual run right after a scheduled one)."""
+    times = sorted(as_utc(t) for t in success_times if t is not None)
+    gaps = sorted((b - a).total_seconds() for a, b in itertools.pairwise(times))
+    gaps = [gap for gap in gaps if gap > 0]
+    if len(gaps) < 2:
+        return None
+    return gaps[len(gaps) // 2]
+
+
+def allowed_age(job: dict[str, Any], settings: ReporterSettings) -> tuple[float, str] | None:
+    """How old a job's last success may be, and why; None when nothing says."""
+    configured = settings.max_age_for(job["node"], job["job"])
+    if configured is not None:
+        return float(configured), "configured max_age"
+    usual = usual_interval(job.get("success_times") or [])
+    if usual is not None:
+        return usual + settings.overdue_margin, (
+            f"usual interval {seconds(usual)} + margin {seconds(settings.overdue_margin)}"
+        )
+    if settings.default_max_age is not None:
+        return float(settings.default_max_age), "default_max_age"
+    return None
+
+
+def overdue_verdict(
+    job: dict[str, Any], now: datetime, settings: ReporterSettings
+) -> Verdict | None:
+    allowed = allowed_age(job, settings)
+    if allowed is None:
+        return None
+    limit, reason = allowed
+    success = (job.get("last_success") or {}).get("time")
+    reference = as_utc(success) or as_utc(job.get("first_result"))
+    if reference is None:
+        return None
+    age = (now - reference).total_seconds()
+    if age <= limit:
+        return None
+    severity = "critical" if age > limit * settings.overdue_critical else "warning"
+    name = f"{job['node']}/{job['job']}"
+    if success is None:
+        summary = f"{name} has no successful backup; first result {seconds(age)} ago"
+    else:
+        summary = f"{name}: last successful backup {seconds(age)} ago"
+    summary += f" (allowed {seconds(limit)}: {reason})"
+    details = {
+        "last_success": reference.isoformat() if success is not None else None,
+        "age_seconds": round(age, 1),
+        "allowed_seconds": limit,
+        "rule": reason,
+    }
+    last_backup = job.get("last_backup") or {}
+    if last_backup.get("status") not in (None, *SUCCESSFUL):
+        details["last_status"] = last_backup.get("status")
+        details["last_error"] = last_backup.get("error")
+    return Verdict(severity, summary, details)
+
+
+def restore_test_verdict(job: dict[str, Any]) -> Verdict | bool | None:
+    """A failed last restore test opens the alert, a successful one resolves it; an
+    interrupted one (or none yet) decides nothing: False."""
+    verify = job.get("last_verify")
+    if not verify or verify.get("status") == "interrupted":
+        return False
+    if verify.get("status") in SUCCESSFUL:
+        return None
+    name = f"{job['node']}/{job['job']}"
+    error = verify.get("error") or f"{verify.get('files_failed', 0)} files failed"
+    summary = f"restore test of {name} failed: {error}"
+    details = {
+        "run_id": verify.get("run_id"),
+        "time": as_utc(verify.get("time")).isoformat() if verify.get("time") else None,
+        "files_checked": verify.get("files_checked"),
+        "files_failed": verify.get("files_failed"),
+        "snapshot": verify.get("snapshot"),
+    }
+    return Verdict("critical", summary[:1000], details)
+
+
+def unprotected_verdict(
+    node: dict[str, Any], now: datetime, settings: ReporterSettings
+) -> Verdict | None:
+    if node.get("unprotected"):
+        summary = f"{node['_id']} holds an empty plan: no rule gives it a backup job"
+        return Verdict("warning", summary, {"plan_hash": node.get("plan_hash")})
+    first_seen = as_utc(node.get("first_seen"))
+    if node.get("plan_hash") is None and first_seen is not None:
+        waited = (now - first_seen).total_seconds()
+        if waited > settings.unprotected_grace:
+            summary = f"{node['_id']} has held no plan for {seconds(waited)}"
+            return Verdict("warning", summary, {"plan_hash": None})
+    return None
+
+
+class Watchdog:
+    """Evaluates every condition and records (and publishes) each change of an alert."""
+
+    def __init__(
+        self,
+        store: Store,
+        publish: Callable[[Alert], None],
+        settings: ReporterSettings,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.settings = settings
+        self.clock = clock
+        self.changes = 0
+
+    def tick(self) -> int:
+        """One full check; returns how many alert changes this instance made."""
+        now = self.clock()
+        before = self.changes
+        self.check_keepalives(now)
+        self.check_nodes(now)
+        self.check_jobs(now)
+        self.republish(now)
+        return self.changes - before
+
+    # -- conditions ---------------------------------------------------------------------
+
+    def _open_alerts(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Open alerts of a kind: {key: {node, severity}} as this tick starts."""
+        query = {"state": "open", "kind": kind}
+        projection = {"_id": 1, "node": 1, "severity": 1}
+        return {doc["_id"]: doc for doc in self.store.alerts.find(query, projection)}
+
+    def _decide(
+        self,
+        open_now: dict[str, dict[str, Any]],
+        key: str,
+        kind: str,
+        node: str | None,
+        job: str | None,
+        verdict: Verdict | None,
+    ) -> None:
+        """Change the alert only if the verdict differs from what was open at the start of
+        this tick (the claim in raise_/resolve settles races with other instances)."""
+        current = open_now.get(key)
+        if verdict is None and current is None:
+            return
+        if verdict is not None and current is not None and current["severity"] == verdict.severity:
+            return
+        self.apply(key, kind, node, job, verdict)
+
+    def check_keepalives(self, now: datetime) -> None:
+        projection = {"last_seen": 1, "keepalive_interval": 1, "skew": 1}
+        open_now = self._open_alerts("keepalive")
+        pending = dict(open_now)
+        for node in self.store.nodes.find({"due": {"$lt": now}}, projection):
+            key = f"keepalive:{node['_id']}"
+            pending.pop(key, None)
+            verdict = keepalive_verdict(node, now, self.settings)
+            self._decide(open_now, key, "keepalive", node["_id"], None, verdict)
+        for key, alert in pending.items():  # open, but the node is no longer late
+            node = self.store.nodes.find_one({"_id": alert.get("node")}, projection)
+            verdict = keepalive_verdict(node, now, self.settings) if node else None
+            self._decide(open_now, key, "keepalive", alert.get("node"), None, verdict)
+
+    def check_nodes(self, now: datetime) -> None:
+        cutoff = now - timedelta(seconds=self.settings.unprotected_grace)
+        query = {"$or": [{"unprotected": True}, {"plan_hash": None, "first_seen": {"$lt": cutoff}}]}
+        projection = {"unprotected": 1, "plan_hash": 1, "first_seen": 1}
+        open_now = self._open_alerts("unprotected")
+        pending = dict(open_now)
+        for node in self.store.nodes.find(query, projection):
+            key = f"unprotected:{node['_id']}"
+            pending.pop(key, None)
+            verdict = unprotected_verdict(node, now, self.settings)
+            self._decide(open_now, key, "unprotected", node["_id"], None, verdict)
+        for key, alert in pending.items():
+            node = self.store.nodes.find_one({"_id": alert.get("node")}, projection)
+            verdict = unprotected_verdict(node, now, self.settings) if node else None
+            self._decide(open_now, key, "unprotected", alert.get("node"), None, verdict)
+
+    def check_jobs(self, now: datetime) -> None:
+        projection = {
+            "node": 1,
+            "job": 1,
+            "last_success": 1,
+            "last_backup": 1,
+            "first_result": 1,
+            "success_times": 1,
+            "last_verify": 1,
+        }
+        overdue_now = self._open_alerts("overdue")
+        restore_now = self._open_alerts("restore_test")
+        for job in self.store.jobs.find({}, projection):
+            node, name = job["node"], job["job"]
+            overdue = overdue_verdict(job, now, self.settings)
+            self._decide(overdue_now, f"overdue:{node}/{name}", "overdue", node, name, overdue)
+            restore = restore_test_verdict(job)
+            if restore is not False:
+                key = f"restore_test:{node}/{name}"
+                self._decide(restore_now, key, "restore_test", node, name, restore or None)
+
+    # -- state changes ------------------------------------------------------------------
+
+    def apply(
+        self, key: str, kind: str, node: str | None, job: str | None, verdict: Verdict | None
+    ) -> bool:
+        if verdict is None:
+            return self.resolve(key, kind, node, job)
+        return self.raise_(key, kind, node, job, verdict)
+
+    def raise_(self, key: str, kind: str, node: str | None, job: str | None, v: Verdict) -> bool:
+        alert = Alert(
+            key=key,
+            kind=kind,
+            state="open",
+            severity=v.severity,  # type: ignore[arg-type]
+            source="reporter",
+            node=node,
+            job=job,
+            summary=v.summary,
+            details=v.details,
+            time=self.clock(),
+        )
+        fields = alert_fields(alert, published=False)
+        fields["opened"] = {"$cond": [{"$eq": ["$state", "open"]}, "$opened", alert.time]}
+        fields = {
+            name: value if name == "opened" else {"$literal": value}
+            for name, value in fields.items()
+        }
+        claim = {"_id": key, "$or": [{"state": {"$ne": "open"}}, {"severity": {"$ne": v.severity}}]}
+        try:
+            self.store.alerts.find_one_and_update(
+                claim, [{"$set": fields}], upsert=True, return_document=ReturnDocument.BEFORE
+            )
+        except DuplicateKeyError:
+            return False  # open with this severity already: nothing changed
+        return self._changed(alert)
+
+    def resolve(self, key: str, kind: str, node: str | None, job: str | None) -> bool:
+        current = self.store.alerts.find_one({"_id": key, "state": "open"})
+        if current is None:
+            return False
+        alert = Alert(
+            key=key,
+            kind=kind,
+            state="resolved",
+            severity=current.get("severity") or "warning",
+            source="reporter",
+            node=node,
+            job=job,
+            summary=f"resolved: {current.get('summary', key)}"[:1000],
+            details=current.get("details") or {},
+            time=self.clock(),
+        )
+        claim = {"_id": key, "state": "open", "message_id": current.get("message_id")}
+        before = self.store.alerts.find_one_and_update(
+            claim, {"$set": alert_fields(alert, published=False)}
+        )
+        if before is None:
+            return False  # another instance changed it first
+        return self._changed(alert)
+
+    def _changed(self, alert: Alert) -> bool:
+        self.changes += 1
+        log.warning("alert %s %s (%s): %s", alert.key, alert.state, alert.severity, alert.summary)
+        with contextlib.suppress(DuplicateKeyError):
+            self.store.alert_history.insert_one(history_document(alert))
+        self._publish(alert)
+        return True
+
+    def _publish(self, alert: Alert) -> None:
+        try:
+            self.publish(alert)
+        except Exception as error:  # the broker is away: the outbox retries
+            log.warning("cannot publish alert %s yet: %s", alert.key, error)
+            return
+        self.store.alerts.update_one(
+            {"_id": alert.key, "message_id": alert.id}, {"$set": {"published": True}}
+        )
+
+    def republish(self, now: datetime) -> None:
+        """Publish again what a failed publish left unconfirmed (same message id)."""
+        cutoff = now - timedelta(seconds=self.settings.republish_after)
+        query = {"published": False, "source": "reporter", "change_time": {"$lt": cutoff}}
+        for doc in self.store.alerts.find(query):
+            alert = Alert(
+                id=doc["message_id"],
+                time=as_utc(doc["change_time"]) or EPOCH,
+                key=doc["_id"],
+                kind=doc["kind"],
+                state=doc["state"],
+                severity=doc.get("severity") or "warning",
+                source="reporter",
+                node=doc.get("node"),
+                job=doc.get("job"),
+                summary=doc.get("summary") or doc["_id"],
+                details=doc.get("details") or {},
+            )
+            log.info("publishing alert %s again (%s)", alert.key, alert.id)
+            self._publish(alert)
