@@ -23,6 +23,7 @@ verified again and run at once, broker or not. Results and alerts go through the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import random
 import shutil
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE = "identity.txt"  # as agent.context.IDENTITY_FILE
 SPOOL_DIR = "spool"
 SCRATCH_DIR = "scratch"
+LOCK_FILE = "agent.lock"
 MAX_WARNINGS = 100  # warnings carried by one result; the rest are counted
 MAX_ERROR = 2000
 DRAIN_TIMEOUT = 0.5  # seconds the broker thread waits for a delivery before other chores
@@ -361,8 +363,7 @@ class Agent:
 
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.scratch = self.state_dir / SCRATCH_DIR
-        shutil.rmtree(self.scratch, ignore_errors=True)  # what an interrupted verify left
-        self.scratch.mkdir(mode=0o700)
+        self.scratch.mkdir(mode=0o700, exist_ok=True)
         self.identity = ensure_identity(self.state_dir)
         missing = [str(p) for p in settings.trusted_keys if not Path(p).is_file()]
         if missing:
@@ -393,7 +394,18 @@ class Agent:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker and broker threads."""
+        """Take the state directory (one agent per state dir), start the worker and broker
+        threads."""
+        self._lock = (self.state_dir / LOCK_FILE).open("a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise InvalidMessage(
+                f"another agent is running with state dir {self.state_dir}"
+            ) from None
+        shutil.rmtree(self.scratch, ignore_errors=True)  # what an interrupted verify left
+        self.scratch.mkdir(mode=0o700)
         for name, target in (("muster-worker", self._work), ("muster-broker", self._broker)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

@@ -39,6 +39,7 @@ from agent.state import default_state_dir
 from broker.agent_config import DEFAULT_METADATA_URL, AgentSettings, default_node_id
 from broker.canonical import canonical_json
 from broker.codec import decode, encode
+from broker.errors import InvalidMessage
 from broker.messages import Alert, Keepalive, RunResult, RunStatus, SignedPlan
 from broker.plan import Hook, Plan
 from broker.signing import TrustedKeys, generate_signing_key, public_pem, sign_plan
@@ -223,7 +224,6 @@ def test_settings_from_file_environment_and_flags(
 
 
 def test_settings_errors_name_the_setting(tmp_path: Path) -> None:
-    from broker.errors import InvalidMessage
 
     with pytest.raises(InvalidMessage, match="node"):
         AgentSettings.load(node="web 1")
@@ -945,7 +945,6 @@ def test_storage_failures_are_reported_not_raised(tmp_path, signing, source):
 
 
 def test_unknown_trusted_key_files_stop_the_start(tmp_path, signing):
-    from broker.errors import InvalidMessage
 
     with pytest.raises(InvalidMessage, match="not found"):
         make_agent(tmp_path, signing, trusted_keys=[tmp_path / "missing.pub"])
@@ -1000,3 +999,14 @@ def test_backup_honours_the_plans_bandwidth_limit(tmp_path, signing, source):
     agent._execute(Task("src", "backup", datetime.now(UTC)))
     assert spooled(agent, RunResult)[0].status == "success"
     assert time.monotonic() - began >= 2.5  # 3.3 MB at 1 MiB/s
+
+
+def test_one_agent_per_state_dir(tmp_path, signing):
+    first = make_agent(tmp_path, signing, broker_url="amqp://127.0.0.1:1/")
+    first.start()
+    try:
+        with pytest.raises(InvalidMessage, match="another agent is running"):
+            make_agent(tmp_path, signing).start()
+    finally:
+        first.stop()
+        first.shutdown()
