@@ -29,6 +29,7 @@ from agent.tarheader import DIRECTORY as TAR_DIRECTORY
 from agent.tarheader import HARDLINK as TAR_HARDLINK
 from agent.tarheader import REGULAR, member_header
 from agent.tarheader import SYMLINK as TAR_SYMLINK
+from agent.throttle import OpenWriter, Throttle, paced
 from agent.volumes import HashingSink, VolumeWriter, open_for_reading
 from agent.walk import Found, Walk
 from broker.plan import Job
@@ -152,14 +153,14 @@ class _Catalog:
 
     def __init__(
         self,
-        repo: Repository,
+        open_writer: OpenWriter,
         snapshot_id: str,
         recipients: list[age.Recipient],
         cache: CatalogCache,
     ) -> None:
         self._stack = contextlib.ExitStack()
         self._name = catalog_name(snapshot_id)
-        self._sink = HashingSink(self._stack.enter_context(repo.open_writer(self._name)))
+        self._sink = HashingSink(self._stack.enter_context(open_writer(self._name)))
         self._encryptor = age.Encryptor(self._sink, recipients)
         self._local = self._stack.enter_context(cache.open_temp(snapshot_id))
         self._zstd = zstandard.ZstdCompressor(level=3).stream_writer(
@@ -228,9 +229,12 @@ class _Run:
     def execute(self, previous: Iterator[tuple[Entry, bytes]]) -> ObjectInfo:
         sources = self.job.sources
         walk = Walk(sources.paths, sources.excludes, sources.one_file_system)
+        open_writer: OpenWriter = self.repo.open_writer
+        if self.job.bandwidth_limit:
+            open_writer = paced(open_writer, Throttle(int(self.job.bandwidth_limit)))
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool:
             self.volumes = VolumeWriter(
-                self.repo.open_writer,
+                open_writer,
                 self.snapshot_id,
                 self.recipients,
                 level=self.job.compression_level,
@@ -238,7 +242,7 @@ class _Run:
                 pool=pool,
                 on_read=self._read,
             )
-            catalog = _Catalog(self.repo, self.snapshot_id, self.recipients, self.cache)
+            catalog = _Catalog(open_writer, self.snapshot_id, self.recipients, self.cache)
             try:
                 self._walk(walk, _Previous(previous), catalog)
                 info = catalog.close()

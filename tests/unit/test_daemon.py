@@ -985,11 +985,6 @@ def test_a_run_that_never_reaches_a_safe_point_is_reported_interrupted_at_exit(
         release.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/actions/backup.py ignores the plan's bandwidth_limit (bytes per second): "
-    "neither `muster backup` nor the daemon's runs are throttled",
-)
 def test_backup_honours_the_plans_bandwidth_limit(tmp_path, signing, source):
     (source / "sub" / "big.bin").write_bytes(os.urandom(3 << 20))
     agent = make_agent(tmp_path, signing)
@@ -998,7 +993,7 @@ def test_backup_honours_the_plans_bandwidth_limit(tmp_path, signing, source):
     began = time.monotonic()
     agent._execute(Task("src", "backup", datetime.now(UTC)))
     assert spooled(agent, RunResult)[0].status == "success"
-    assert time.monotonic() - began >= 2.5  # 3.3 MB at 1 MiB/s
+    assert time.monotonic() - began >= 1.8  # 3 MiB at 1 MiB/s, after a one-second burst
 
 
 def test_one_agent_per_state_dir(tmp_path, signing):
