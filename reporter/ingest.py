@@ -84,7 +84,6 @@ def build_writes(
     messages: Sequence[AnyMessage],
     received: datetime,
     *,
-    default_interval: int = 20,
     history: int = 5,
 ) -> Writes:
     """The writes that record `messages`, received at `received` (the reporter's clock)."""
@@ -109,7 +108,7 @@ def build_writes(
             writes.ignored.append(index)  # plans: the reporter's queue is not bound to them
     for node, indices in nodes.items():
         group = [messages[i] for i in indices]
-        writes.add(Write("nodes", node_update(node, group, received, default_interval), indices))
+        writes.add(Write("nodes", node_update(node, group, received), indices))
     for (node, run_id), indices in runs.items():
         group = [messages[i] for i in indices]
         writes.add(Write("runs", run_update(node, run_id, group), indices))
@@ -130,14 +129,13 @@ def newest(messages: Iterable[Any], key: str = "time") -> Any:
 
 
 def node_update(
-    node: str, messages: Sequence[Announce | Keepalive], received: datetime, default_interval: int
+    node: str, messages: Sequence[Announce | Keepalive], received: datetime
 ) -> UpdateOne:
     """Announces and keepalives of one node, merged.
 
     `last_seen` is the newest message's own time, but never later than its reception: an
     agent whose clock runs ahead cannot hide its silence, and a backlog replayed after an
-    outage still shows when each node was last heard of. `due` (last_seen + interval) is
-    when the next keepalive should arrive; the watchdog looks only at nodes past it.
+    outage still shows when each node was last heard of.
     """
     times = [message.time for message in messages]
     state = newest(messages)
@@ -180,9 +178,7 @@ def node_update(
         fields["announced"] = {"$max": ["$announced", announce.time]}
         fields["agent_version"] = pick(is_newer, announce.agent_version, "$agent_version")
         fields["recipient"] = pick(is_newer, announce.recipient, "$recipient")
-    interval = {"$ifNull": ["$keepalive_interval", default_interval]}
-    due = {"$add": ["$last_seen", {"$multiply": [interval, 1000]}]}
-    return UpdateOne({"_id": node}, [{"$set": fields}, {"$set": {"due": due}}], upsert=True)
+    return UpdateOne({"_id": node}, [{"$set": fields}], upsert=True)
 
 
 # -- runs -----------------------------------------------------------------------------------

@@ -74,7 +74,6 @@ def write_batch(
     writes = build_writes(
         messages,
         received,
-        default_interval=settings.default_keepalive_interval,
         history=settings.overdue_history,
     )
     refused: set[int] = set()

@@ -36,8 +36,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 COLLECTIONS = ("nodes", "jobs", "runs", "alerts", "alert_history", "snapshots", "reporter_meta")
 
 INDEXES: dict[str, list[tuple[list[tuple[str, int]], str]]] = {
-    # the watchdog's late-keepalive candidates: due = last_seen + interval
-    "nodes": [([("due", ASCENDING)], "due")],
+    # nodes: none but _id. The watchdog's scan for silent nodes reads them all anyway (the
+    # threshold depends on each node's interval), and an index on last_seen would be
+    # rewritten by every keepalive.
     "jobs": [([("node", ASCENDING), ("job", ASCENDING)], "node_job")],
     # `muster report --since`, and a job's run history
     "runs": [

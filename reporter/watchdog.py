@@ -230,11 +230,17 @@ class Watchdog:
             return
         self.apply(key, kind, node, job, verdict)
 
+    def silent_query(self, now: datetime) -> dict[str, Any]:
+        """Nodes silent for at least `keepalive_warning` of their own intervals."""
+        interval = {"$ifNull": ["$keepalive_interval", self.settings.default_keepalive_interval]}
+        limit = {"$multiply": [interval, 1000.0 * self.settings.keepalive_warning]}
+        return {"$expr": {"$lt": ["$last_seen", {"$subtract": [now, limit]}]}}
+
     def check_keepalives(self, now: datetime) -> None:
         projection = {"last_seen": 1, "keepalive_interval": 1, "skew": 1}
         open_now = self._open_alerts("keepalive")
         pending = dict(open_now)
-        for node in self.store.nodes.find({"due": {"$lt": now}}, projection):
+        for node in self.store.nodes.find(self.silent_query(now), projection):
             key = f"keepalive:{node['_id']}"
             pending.pop(key, None)
             verdict = keepalive_verdict(node, now, self.settings)

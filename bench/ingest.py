@@ -1,0 +1,323 @@
+"""Reporter ingest rate: events per second from `muster.reporter` into MongoDB, durably.
+
+    python -m bench.ingest [--events 20000] [--batch-sizes 100,250,500,1000,2000]
+                           [--fleets 200,2000,20000] [--out docs/benchmarks-reporter.md]
+
+Against the real servers: RabbitMQ and the MongoDB-protocol server from tests/services,
+started here on 127.0.0.1 in a private state directory and stopped at the end (or the
+ones named by MUSTER_TEST_AMQP_URL and MUSTER_TEST_MONGO_URL, left running).
+
+Each measurement: purge the queue, publish `--events` messages of a simulated fleet into
+`muster.reporter` (untimed), then start one reporter (`reporter.service.Reporter`, the
+class behind `muster reporter run`, watchdog and metrics off) on an empty database and
+time it from its first delivery until every message is written and acknowledged. The
+reporter's writes use its defaults: w majority and one journaled barrier per batch.
+After each run the documents are counted: every node, run and alert is there once.
+
+The simulated fleet: each node loops over one job; per cycle it sends 6 keepalives, 3
+run_status and 1 run_result (every 4th cycle a restore test instead of a backup), and an
+alert every 20 cycles, interleaved across nodes in time order. `--fleets`
+is the number of nodes: with few nodes a batch holds several messages about one node or
+run (which the reporter merges into one write); with many, every message is a different
+document (the worst case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from amqp import Connection as AmqpConnection
+from amqp import basic_message
+
+from broker.codec import encode
+from broker.connection import connect
+from broker.messages import Alert, Keepalive, Message, RunResult, RunStats, RunStatus
+from broker.reporter_config import ReporterSettings
+from broker.topology import EVENTS, PERSISTENT_TYPES, REPORTER_QUEUE, declare, routing_key
+from reporter.service import Reporter
+from reporter.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+CYCLE = 10  # per node and job: 6 keepalives, 3 run_status, 1 run_result
+
+
+def node_event(node: str, index: int, cycle: int, step: int, moment: datetime) -> list[Message]:
+    """Event `step` of a node's `cycle`: keepalives, then a run's progress and result."""
+    kind = "verify" if cycle % 4 == 3 else "backup"
+    run_id = f"{index}-{cycle}"
+    if step < 6:
+        return [Keepalive(node=node, uptime=cycle, time=moment, plan_hash="sha256:x")]
+    if step < 9:
+        done = step - 6
+        return [
+            RunStatus(
+                node=node,
+                job="etc",
+                run_id=run_id,
+                kind=kind,
+                time=moment,
+                files_done=done * 10,
+                bytes_done=done * 4096,
+                files_total=30,
+                bytes_total=12288,
+            )
+        ]
+    events: list[Message] = [
+        RunResult(
+            node=node,
+            job="etc",
+            run_id=run_id,
+            kind=kind,
+            status="success",
+            started=moment - timedelta(seconds=30),
+            finished=moment,
+            time=moment,
+            snapshot="20261126T020000Z-000000",
+            stats=RunStats(files=30, bytes_read=12288, bytes_stored=4096, volumes=1),
+        )
+    ]
+    if cycle % 20 == 0:
+        events.append(
+            Alert(
+                key=f"plan_rejected:{node}",
+                kind="plan_rejected",
+                state="open",
+                source="agent",
+                node=node,
+                summary="bench",
+                time=moment,
+            )
+        )
+    return events
+
+
+def fleet_events(nodes: int, count: int, start: datetime) -> list[Message]:
+    """`count` messages of a fleet of `nodes` nodes, in time order: every node takes one
+    step per round, each at its own place in its cycle, so any stretch of the stream
+    holds every kind of message, and one node's messages are `nodes` apart."""
+    events: list[Message] = []
+    names = [f"node{i:05d}.bench.example.org" for i in range(nodes)]
+    moment = start
+    round_ = 0
+    while len(events) < count:
+        for index, node in enumerate(names):
+            moment += timedelta(microseconds=50)
+            position = round_ + index
+            events += node_event(node, index, position // CYCLE, position % CYCLE, moment)
+            if len(events) >= count:
+                break
+        round_ += 1
+    return events[:count]
+
+
+def publish_raw(amqp_url: str, events: list[Message]) -> None:
+    """Publish without waiting for a confirm per message (untimed setup), then wait until
+    the queue holds them all."""
+    parts = amqp_url.split("//", 1)[1].rstrip("/").split("@")
+    user, password = parts[0].split(":")
+    host = parts[1].split("/")[0]
+    with contextlib.closing(AmqpConnection(host=host, userid=user, password=password)) as conn:
+        conn.connect()
+        channel = conn.channel()
+        for message in events:
+            channel.basic_publish(
+                basic_message.Message(
+                    encode(message),
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    message_id=message.id,
+                    delivery_mode=2 if message.type in PERSISTENT_TYPES else 1,
+                ),
+                exchange=EVENTS.name,
+                routing_key=routing_key(message),
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            _, ready, _ = channel.queue_declare(REPORTER_QUEUE.name, passive=True)
+            if ready >= len(events) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if ready < len(events):
+            raise SystemExit(f"only {ready} of {len(events)} messages reached the queue")
+
+
+def measure(amqp_url: str, mongo_url: str, events: list[Message], batch: int) -> dict:
+    database = f"bench_ingest_{uuid.uuid4().hex[:8]}"
+    with connect([amqp_url]) as connection:
+        declare(connection)
+        REPORTER_QUEUE(connection.default_channel).purge()
+    publish_raw(amqp_url, events)
+    settings = ReporterSettings(
+        broker_url=amqp_url,
+        mongo_url=mongo_url,
+        database=database,
+        batch_size=batch,
+        flush_interval=0.2,
+        metrics_port=0,
+    )
+    store = Store.from_settings(settings, "bench")
+    store.ensure_indexes()
+    reporter = Reporter(connect([amqp_url]), store, settings, watchdog=False, instance="bench")
+    first: list[float] = []
+    original = reporter._on_message
+
+    def timed(queue: str, delivery) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        original(queue, delivery)
+
+    reporter._on_message = timed  # type: ignore[method-assign]
+    thread = threading.Thread(target=reporter.run, daemon=True)
+    thread.start()
+    written = 0
+    deadline = time.monotonic() + 600
+    kinds = ("announce", "keepalive", "run_status", "run_result", "alert")
+    while written < len(events) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        written = sum(reporter.counts.get(kind, 0) for kind in kinds)
+    finished = time.perf_counter()
+    reporter.stop()
+    thread.join(timeout=30)
+    elapsed = finished - (first[0] if first else finished)
+    counts = {name: store.db[name].estimated_document_count() for name in ("nodes", "runs")}
+    runs = [m for m in events if isinstance(m, RunStatus | RunResult)]
+    expected_runs = len({(m.node, m.run_id) for m in runs})
+    expected_nodes = len({m.node for m in events if isinstance(m, Keepalive)})
+    history = store.db.alert_history.estimated_document_count()
+    store.client.drop_database(database)
+    store.close()
+    ok = (
+        written == len(events)
+        and counts["runs"] == expected_runs
+        and counts["nodes"] == expected_nodes
+        and history == sum(isinstance(m, Alert) for m in events)
+    )
+    return {
+        "batch": batch,
+        "events": len(events),
+        "seconds": elapsed,
+        "rate": len(events) / elapsed if elapsed else 0.0,
+        "batches": reporter.counts.get("batches", 0),
+        "checked": ok,
+        "documents": counts,
+    }
+
+
+@contextlib.contextmanager
+def servers(directory: Path) -> Iterator[tuple[str, str]]:
+    given = os.environ.get("MUSTER_TEST_AMQP_URL"), os.environ.get("MUSTER_TEST_MONGO_URL")
+    if all(given):
+        yield given  # type: ignore[misc]
+        return
+    env = {**os.environ, "MUSTER_SERVICES_DIR": str(directory)}
+    command = [sys.executable, "-m", "tests.services"]
+    started = subprocess.run(
+        [*command, "start", "rabbitmq", "mongo"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        if started.returncode:
+            raise SystemExit(f"cannot start the servers:\n{started.stderr}")
+        values = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in started.stdout.splitlines()
+            if line.startswith("export ")
+        )
+        yield values["MUSTER_TEST_AMQP_URL"], values["MUSTER_TEST_MONGO_URL"]
+    finally:
+        subprocess.run([*command, "stop"], env=env, cwd=REPO_ROOT, capture_output=True, check=False)
+
+
+def render(results: list[dict], args: argparse.Namespace, elapsed: float) -> str:
+    best = max(results, key=lambda row: row["rate"])
+    lines = [
+        "# Reporter ingest rate",
+        "",
+        "Generated by `python -m bench.ingest` "
+        f"(`--events {args.events} --batch-sizes {args.batch_sizes} --fleets {args.fleets}`) "
+        f"on {datetime.now(UTC):%Y-%m-%d}, in {elapsed:.0f} s.",
+        "",
+        f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}; RabbitMQ and the MongoDB-protocol server "
+        "(SecantusDB, tests/services) on 127.0.0.1, sharing the cores with the reporter.",
+        "",
+        "Events per second from `muster.reporter` into MongoDB, written (w majority, one "
+        "journaled barrier per batch) and acknowledged, from the reporter's first delivery to "
+        "its last acknowledgement. Every run checks afterwards that each node, run and alert "
+        "is in MongoDB exactly once.",
+        "",
+        "| nodes in the fleet | batch size | events | seconds | events/s | batches | checked |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for row in results:
+        lines.append(
+            f"| {row['nodes']} | {row['batch']} | {row['events']} | {row['seconds']:.2f} "
+            f"| {row['rate']:,.0f} | {row['batches']} | {'yes' if row['checked'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        f"Best: **{best['rate']:,.0f} events/s** with batches of {best['batch']} "
+        f"({best['nodes']} nodes).",
+        "",
+    ]
+    for nodes in sorted({row["nodes"] for row in results}):
+        rows = [row for row in results if row["nodes"] == nodes]
+        top = max(rows, key=lambda row: row["rate"])
+        lines.append(
+            f"- {nodes} nodes: best {top['rate']:,.0f} events/s with batches of {top['batch']}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--batch-sizes", default="100,250,500,1000,2000")
+    parser.add_argument("--fleets", default="200,2000,20000", help="numbers of nodes")
+    parser.add_argument("--out", type=Path, help="write the Markdown table here")
+    parser.add_argument("--services-dir", type=Path, default=Path("/tmp/ingest-bench-services"))
+    args = parser.parse_args(argv)
+    began = time.monotonic()
+    start = datetime.now(UTC) - timedelta(hours=1)
+    results = []
+    with servers(args.services_dir) as (amqp_url, mongo_url):
+        for nodes in (int(n) for n in args.fleets.split(",")):
+            events = fleet_events(nodes, args.events, start)
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                row = measure(amqp_url, mongo_url, events, batch)
+                row["nodes"] = nodes
+                results.append(row)
+                print(
+                    f"{nodes:>6} nodes  batch {batch:>5}: {row['rate']:>8,.0f} events/s "
+                    f"({row['events']} in {row['seconds']:.2f} s, {row['batches']} batches, "
+                    f"checked: {row['checked']})",
+                    flush=True,
+                )
+    text = render(results, args, time.monotonic() - began)
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0 if all(row["checked"] for row in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
