@@ -45,13 +45,16 @@ pytestmark = pytest.mark.integration
 MUSTER = Path(sys.executable).parent / "muster"
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 30, what: str | Callable[[], str] = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         found = condition()
         if found:
             return found
         if time.monotonic() > deadline:
+            what = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(0.1)
 
@@ -106,13 +109,20 @@ class Listener:
         ]
 
     def wait(self, cls: type, /, timeout: float = 30, count: int = 1, **fields: Any) -> list:
-        what = f"{count} {cls.__name__} {fields or ''} from {self.node}"
+        def what() -> str:
+            return f"{count} {cls.__name__} {fields or ''} from {self.node}; got {self.summary()}"
 
         def enough() -> list:
             found = self.of(cls, **fields)
             return found if len(found) >= count else []
 
         return wait_for(enough, timeout, what)
+
+    def summary(self) -> str:
+        return ", ".join(
+            f"{m.type}({getattr(m, 'status', None) or getattr(m, 'bytes_done', '')})"
+            for m in self.messages
+        )
 
     def delete(self) -> None:
         self.close_connection()
@@ -207,8 +217,7 @@ def daemon(tmp_path: Path, amqp_url: str, node: str, signing) -> Iterator[Daemon
     found = Daemon(tmp_path, env)
     yield found
     found.kill()  # never leave a daemon behind
-    if os.environ.get("MUSTER_TEST_SHOW_DAEMON_LOG"):
-        print(found.log)
+    print(found.log)  # shown by pytest when the test failed
 
 
 @pytest.fixture
@@ -431,7 +440,7 @@ def test_sigterm_mid_backup_reports_interrupted_and_commits_no_snapshot(
     wait_for(
         lambda: [s for s in listener.of(RunStatus) if s.bytes_done > 0],
         30,
-        "the backup to be reading",
+        lambda: f"the backup to be reading; got {listener.summary()}",
     )
     began = time.monotonic()
     assert daemon.stop() == 0
