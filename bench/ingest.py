@@ -40,11 +40,12 @@ from pathlib import Path
 from amqp import Connection as AmqpConnection
 from amqp import basic_message
 
-from broker.codec import encode
+from broker.codec import decode, encode
 from broker.connection import connect
 from broker.messages import Alert, Keepalive, Message, RunResult, RunStats, RunStatus
 from broker.reporter_config import ReporterSettings
 from broker.topology import EVENTS, PERSISTENT_TYPES, REPORTER_QUEUE, declare, routing_key
+from reporter.ingest import build_writes
 from reporter.service import Reporter
 from reporter.store import Store
 
@@ -216,6 +217,17 @@ def measure(amqp_url: str, mongo_url: str, events: list[Message], batch: int) ->
     }
 
 
+def client_cost(events: list[Message], batch: int) -> float:
+    """Seconds per event the reporter itself spends (decode, then build the writes), with
+    no server at all: its ceiling against a MongoDB that costs nothing."""
+    bodies = [encode(message) for message in events]
+    began = time.perf_counter()
+    for start in range(0, len(bodies), batch):
+        decoded = [decode(body) for body in bodies[start : start + batch]]
+        build_writes(decoded, datetime.now(UTC))
+    return (time.perf_counter() - began) / len(bodies)
+
+
 @contextlib.contextmanager
 def servers(directory: Path) -> Iterator[tuple[str, str]]:
     given = os.environ.get("MUSTER_TEST_AMQP_URL"), os.environ.get("MUSTER_TEST_MONGO_URL")
@@ -245,7 +257,9 @@ def servers(directory: Path) -> Iterator[tuple[str, str]]:
         subprocess.run([*command, "stop"], env=env, cwd=REPO_ROOT, capture_output=True, check=False)
 
 
-def render(results: list[dict], args: argparse.Namespace, elapsed: float) -> str:
+def render(
+    results: list[dict], args: argparse.Namespace, elapsed: float, client: dict[int, float]
+) -> str:
     best = max(results, key=lambda row: row["rate"])
     lines = [
         "# Reporter ingest rate",
@@ -283,6 +297,17 @@ def render(results: list[dict], args: argparse.Namespace, elapsed: float) -> str
         lines.append(
             f"- {nodes} nodes: best {top['rate']:,.0f} events/s with batches of {top['batch']}."
         )
+    ceiling = ", ".join(
+        f"{nodes} nodes {1e6 * cost:.0f} µs ({1 / cost:,.0f} events/s)"
+        for nodes, cost in sorted(client.items())
+    )
+    lines += [
+        "",
+        "The reporter's own CPU per event (decode and validate, then build the merged "
+        f"writes; no server, batches of 1000): {ceiling}. That is its ceiling on one core "
+        "against a MongoDB that costs nothing; everything below it in the table is the "
+        "server's time per updated document.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -297,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     start = datetime.now(UTC) - timedelta(hours=1)
     results = []
+    client: dict[int, float] = {}
     with servers(args.services_dir) as (amqp_url, mongo_url):
         for nodes in (int(n) for n in args.fleets.split(",")):
             events = fleet_events(nodes, args.events, start)
+            client[nodes] = client_cost(events, 1000)
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 row = measure(amqp_url, mongo_url, events, batch)
                 row["nodes"] = nodes
@@ -310,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"checked: {row['checked']})",
                     flush=True,
                 )
-    text = render(results, args, time.monotonic() - began)
+    text = render(results, args, time.monotonic() - began, client)
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}")
