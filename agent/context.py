@@ -35,7 +35,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from agent import age
 from agent.repository import Repository
-from agent.state import CatalogCache, default_state_dir
+from agent.state import CatalogCache, JobBusy, default_state_dir
 from agent.storage import (
     AuthError,
     ConfigError,
@@ -423,7 +423,7 @@ def reported_errors() -> Iterator[None]:
     except (ConfigError, AuthError, ContractError) as error:
         log.debug("command failed", exc_info=True)
         raise CommandError(str(error), exit_code=2) from None
-    except (StorageError, age.AgeError) as error:
+    except (StorageError, age.AgeError, JobBusy) as error:
         log.debug("command failed", exc_info=True)
         raise CommandError(str(error)) from None
     except OSError as error:

@@ -324,8 +324,9 @@ class Runner:
     def _forget(self, job: Job) -> dict[str, Any]:
         from agent.actions.forget import run_forget
 
-        repo, _, _ = self._open(job)
-        outcome = run_forget(repo, job.retention, dry_run=False)
+        repo, cache, _ = self._open(job)
+        with cache.writer_lock():
+            outcome = run_forget(repo, job.retention, dry_run=False)
         # Extra fields (receivers ignore what they do not know): what went, what it freed.
         return {
             "status": "success",

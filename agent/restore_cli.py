@@ -805,7 +805,8 @@ def forget_command(context: RepoContext, dry_run: bool, as_json: bool) -> None:
             f"keeps every snapshot ({len(records):,} kept); {advice}"
         )
         return
-    outcome = run_forget(context.repo, retention, dry_run)
+    with context.cache.writer_lock():
+        outcome = run_forget(context.repo, retention, dry_run)
     if as_json:
         print_json(_forget_json(outcome, retention))
         return

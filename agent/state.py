@@ -6,12 +6,19 @@ stat walk alone, without downloading or decrypting anything. Losing it costs one
 catalog download; it is a cache, never a source of truth. Files are private (0600).
 """
 
+import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 DEFAULT_STATE_DIR = Path("/var/lib/muster")
+
+
+class JobBusy(RuntimeError):
+    pass
 
 
 def default_state_dir() -> Path:
@@ -31,6 +38,24 @@ class CatalogCache:
     def __init__(self, state_dir: Path, repository_key: str) -> None:
         digest = hashlib.sha256(repository_key.encode()).hexdigest()[:24]
         self._dir = state_dir / "catalogs" / digest
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """One writer per repository job on this node: the daemon's scheduled backup and
+        a `muster backup` or `muster forget` typed meanwhile must not interleave."""
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self._dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JobBusy(
+                    "another backup or forget of this job is running on this node; "
+                    "try again when it is done"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
 
     def path(self, snapshot_id: str) -> Path | None:
         candidate = self._dir / f"{snapshot_id}.jsonl.zst"

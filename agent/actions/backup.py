@@ -70,6 +70,18 @@ def run_backup(
     agent_version: str,
     progress: Progress | None = None,
 ) -> BackupOutcome:
+    with cache.writer_lock():
+        return _backup(job, repo, identity, cache, agent_version, progress)
+
+
+def _backup(
+    job: Job,
+    repo: Repository,
+    identity: age.Identity,
+    cache: CatalogCache,
+    agent_version: str,
+    progress: Progress | None,
+) -> BackupOutcome:
     for leftover in repo.leftovers():  # an interrupted run's objects: never visible, now gone
         repo.delete(leftover)
     history = repo.snapshots()

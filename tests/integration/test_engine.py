@@ -19,7 +19,7 @@ from agent.actions.restore import run_restore
 from agent.archive import Archive
 from agent.catalog import Entry, read_entries, write_entries
 from agent.repository import Repository
-from agent.state import CatalogCache
+from agent.state import CatalogCache, JobBusy
 from agent.storage import open_storage
 from broker.plan import Job
 from broker.snapshot import catalog_name
@@ -404,3 +404,12 @@ def test_catalog_lines_are_sorted_and_stream(tmp_path):
     with cached.open("rb") as plain:
         keys = [entry.key for entry in read_entries(plain)]
     assert keys == sorted(keys) and len(keys) == len(set(keys))
+
+
+def test_one_writer_per_job_on_a_node(tmp_path):
+    """The daemon's backup and a `muster backup` typed meanwhile never interleave."""
+    node = Node(tmp_path, {"kind": "local", "path": str(tmp_path / "repo")})
+    (node.source / "file").write_text("x")
+    with node.cache.writer_lock(), pytest.raises(JobBusy, match="another backup"):
+        node.backup()
+    assert node.backup().record.full  # and the lock is free again afterwards
