@@ -100,9 +100,11 @@ def _open(args: argparse.Namespace) -> _Opened:
     from agent.repository import Repository
     from agent.state import CatalogCache
     from agent.storage import open_storage, parse_repo_url
+    from agent.storage.base import Tuning
 
     target = parse_repo_url(args.repo)
-    repo = Repository(open_storage(target), NODE, JOB)
+    tuning = Tuning(part_size=args.part_size << 20) if args.part_size else None
+    repo = Repository(open_storage(target, tuning), NODE, JOB)
     counter = FetchCounter()
     counter.install(repo)
     cache = CatalogCache(Path(args.state), f"{args.repo}#{NODE}/{JOB}")
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", help="restore/verify: target directory")
     parser.add_argument("--volume-size", type=int, default=128 << 20)
     parser.add_argument("--level", type=int, default=3)
+    parser.add_argument("--part-size", type=int, help="storage Tuning.part_size in MiB")
     parser.add_argument("--no-cache", action="store_true", help="ignore the local catalog cache")
     parser.add_argument("--result", help="write the JSON result here (default: stdout)")
     args = parser.parse_args(argv)
