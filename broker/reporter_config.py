@@ -61,7 +61,7 @@ class ReporterSettings(MusterSettings):
     )
 
     # -- batching ------------------------------------------------------------------------
-    batch_size: int = Field(default=500, ge=1, le=10_000, description="deliveries per write")
+    batch_size: int = Field(default=1000, ge=1, le=10_000, description="deliveries per write")
     flush_interval: float = Field(
         default=0.5, gt=0, le=60, description="seconds a partial batch may wait before its write"
     )

@@ -561,6 +561,13 @@ def test_alerts_from_agents_and_rule_engines_are_stored_with_their_history(
     assert store.alert_history.count_documents({"key": opened.key}) == 2
     fleet_wide = store.alerts.find_one({"_id": rules.key})
     assert fleet_wide["state"] == "open" and fleet_wide["node"] is None
+    fixed = rules.model_copy(
+        update={"id": "fixed-" + rules.id, "state": "resolved", "time": t0 + timedelta(seconds=9)}
+    )
+    publish(connection, fixed)
+    wait_for(lambda: written(reporter) == 5)
+    fleet_wide = store.alerts.find_one({"_id": rules.key})
+    assert fleet_wide["state"] == "resolved" and fleet_wide["resolved_at"] is not None
 
 
 def test_two_watchdogs_publish_each_change_once(
