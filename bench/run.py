@@ -203,7 +203,11 @@ def content_map(root: Path) -> dict[str, tuple[str, int, str]]:
 
 
 def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """The start and the end of a long text (an error's reason is at its end)."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return text[: limit - tail - 3] + "..." + text[-tail:]
 
 
 def compare_trees(expected: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
@@ -245,6 +249,7 @@ class Bench:
         self.started = datetime.datetime.now(datetime.UTC)
         self.swift_env: dict[str, str] = {}
         self.filesystem = ""
+        self.commit: str | None = None  # set when rendering an earlier run
         self.part_size_test: dict[str, Any] = {}
         self.repo_sizes: dict[str, list[int]] = defaultdict(list)  # after each full backup
 
@@ -725,6 +730,7 @@ class Bench:
             "started": self.started.isoformat(),
             "notes": self.notes,
             "filesystem": self.filesystem,
+            "commit": _git(),
             "part_size_test": self.part_size_test,
             "run": {"scale": self.scale, "rounds": self.rounds, "targets": self.targets},
         }
@@ -742,6 +748,7 @@ class Bench:
         self.repo_sizes = defaultdict(list, raw.get("repo_sizes", {}))
         self.fingerprint = raw.get("fingerprint", "")
         self.filesystem = raw.get("filesystem", "?")
+        self.commit = raw.get("commit")
         self.part_size_test = raw.get("part_size_test", {})
         if "started" in raw:
             self.started = datetime.datetime.fromisoformat(raw["started"])
@@ -1010,7 +1017,7 @@ def render(bench: Bench) -> str:
         f"--targets {','.join(bench.targets)} --out {bench.args.out}",
         "```",
         "",
-        f"Run: {bench.started:%Y-%m-%d %H:%M} UTC, commit {_git()}, "
+        f"Run: {bench.started:%Y-%m-%d %H:%M} UTC, commit {bench.commit or _git()}, "
         f"{bench.rounds} rounds, medians shown (range over rounds in the table).",
         "",
         "## Machine",
