@@ -16,6 +16,7 @@ import os
 import pwd
 import secrets
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from pathlib import Path
 
 from agent.catalog import Entry
@@ -42,6 +43,7 @@ class Target:
         self._made_links: set[str] = set()
         self._directories: list[Entry] = []
         self._as_root = os.geteuid() == 0
+        self._last: tuple[tuple[str, ...], int] | None = None  # the last directory reached
         root.mkdir(parents=True, exist_ok=True)
 
     # -- entries -------------------------------------------------------------------------
@@ -62,7 +64,7 @@ class Target:
         with self._parent(parents) as parent:
             if not self._may_replace(parent, name, entry.path):
                 return False
-            temp = f".{name}.muster-{secrets.token_hex(4)}"
+            temp = f".muster-{secrets.token_hex(8)}"  # short: `name` may be 255 bytes already
             fd = os.open(
                 temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent
             )
@@ -111,6 +113,7 @@ class Target:
 
     def finish(self) -> None:
         """Directory modes and times last, deepest first, once nothing more is written."""
+        self._forget_last()
         for entry in sorted(self._directories, key=lambda e: e.path.count("/"), reverse=True):
             *parents, name = components(entry.path)
             with self._parent(parents) as parent:
@@ -118,12 +121,29 @@ class Target:
                     os.chown(name, *self._ids(entry), dir_fd=parent, follow_symlinks=False)
                 os.chmod(name, entry.mode, dir_fd=parent, follow_symlinks=True)
                 os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent)
+        self._forget_last()
 
     # -- walking -------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _parent(self, parents: list[str]):  # type: ignore[no-untyped-def]
-        """An fd for the directory holding an entry, creating missing ones on the way."""
+        """An fd for the directory holding an entry, creating missing ones on the way.
+
+        Catalog order keeps a directory's files together, so the last directory reached
+        is kept open: it was reached safely, and an open fd cannot be redirected."""
+        key = tuple(parents)
+        if self._last is not None and self._last[0] == key:
+            fd = os.dup(self._last[1])
+        else:
+            fd = self._walk(parents)
+            self._forget_last()
+            self._last = (key, os.dup(fd))
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _walk(self, parents: list[str]) -> int:
         fd = os.open(self.root, DIRECTORY_FLAGS)
         path = ""
         try:
@@ -135,9 +155,15 @@ class Target:
                 with self._open_dir(fd, name, follow) as child:
                     os.close(fd)
                     fd = os.dup(child)
-            yield fd
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
+
+    def _forget_last(self) -> None:
+        if self._last is not None:
+            os.close(self._last[1])
+            self._last = None
 
     @contextlib.contextmanager
     def _open_dir(self, parent: int, name: str, follow: bool = False):  # type: ignore[no-untyped-def]
@@ -168,15 +194,31 @@ class Target:
     @staticmethod
     def _ids(entry: Entry) -> tuple[int, int]:
         """Names first, as tar does: uids differ between hosts, user names rarely."""
-        try:
-            uid = pwd.getpwnam(entry.user).pw_uid if entry.user else entry.uid
-        except KeyError:
-            uid = entry.uid
-        try:
-            gid = grp.getgrnam(entry.group).gr_gid if entry.group else entry.gid
-        except KeyError:
-            gid = entry.gid
-        return uid, gid
+        return _uid(entry.user, entry.uid), _gid(entry.group, entry.gid)
+
+
+@lru_cache(maxsize=1024)
+def _uid(name: str, number: int) -> int:
+    try:
+        return pwd.getpwnam(name).pw_uid if name else number
+    except KeyError:
+        return number
+
+
+@lru_cache(maxsize=1024)
+def _gid(name: str, number: int) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid if name else number
+    except KeyError:
+        return number
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _is_hole(block: bytes) -> bool:
+    """All zeros? Data blocks almost always fail at the first byte; memcmp does the rest."""
+    return len(block) <= len(_ZEROS) and block[:1] == b"\0" and _ZEROS[: len(block)] == block
 
 
 def _write_sparse(fd: int, blocks: Iterable[bytes]) -> "hashlib._Hash":
@@ -187,7 +229,7 @@ def _write_sparse(fd: int, blocks: Iterable[bytes]) -> "hashlib._Hash":
     for block in blocks:
         digest.update(block)
         size += len(block)
-        if block.count(0) == len(block):
+        if _is_hole(block):
             os.lseek(fd, len(block), os.SEEK_CUR)
             continue
         view = memoryview(block)

@@ -413,3 +413,13 @@ def test_one_writer_per_job_on_a_node(tmp_path):
     with node.cache.writer_lock(), pytest.raises(JobBusy, match="another backup"):
         node.backup()
     assert node.backup().record.full  # and the lock is free again afterwards
+
+
+def test_names_of_255_bytes_come_back(tmp_path):
+    node = Node(tmp_path, {"kind": "local", "path": str(tmp_path / "repo")})
+    longest = node.source / ("é" * 127 + "x")  # 255 bytes, the most a name may hold
+    longest.write_text("a name as long as it gets\n")
+    node.backup()
+    out = tmp_path / "out"
+    assert node.restore(out).errors == []
+    assert (restored_root(out, node.source) / longest.name).read_text() == longest.read_text()
