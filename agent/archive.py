@@ -5,12 +5,15 @@ each of them stays a short description of what it does with the entries.
 """
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 
 from agent import age
-from agent.catalog import Entry, read_entries
+from agent.catalog import Entry, path_needle, read_entries
 from agent.repository import Repository
 from agent.state import CatalogCache
 from agent.when import parse_when
@@ -22,12 +25,28 @@ class NoSnapshot(LookupError):
 
 
 class Archive:
+    """Catalogs are read from the node's cache when it holds them; any other is fetched
+    and decrypted once per Archive, kept compressed in a private temporary directory
+    (removed with the Archive) for the next read."""
+
     def __init__(
         self, repo: Repository, identities: list[age.Identity], cache: CatalogCache | None = None
     ) -> None:
         self.repo = repo
         self.identities = identities
         self._cache = cache
+        self._fetched: tempfile.TemporaryDirectory[str] | None = None
+
+    def close(self) -> None:
+        if self._fetched is not None:
+            self._fetched.cleanup()
+            self._fetched = None
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @cached_property
     def records(self) -> list[SnapshotRecord]:
@@ -60,16 +79,32 @@ class Archive:
         return earlier[-1]
 
     @contextlib.contextmanager
-    def entries(self, record: SnapshotRecord) -> Iterator[Iterator[Entry]]:
-        """Stream a snapshot's catalog, from the local cache when it holds this one."""
-        with contextlib.ExitStack() as stack:
-            cached = self._cache.path(record.id) if self._cache else None
-            if cached is not None:
-                yield read_entries(stack.enter_context(cached.open("rb")))
-                return
-            encrypted = stack.enter_context(self.repo.get(catalog_name(record.id)))
-            plain = stack.enter_context(age.Decryptor(encrypted, self.identities))
-            yield read_entries(plain)
+    def entries(
+        self, record: SnapshotRecord, paths: list[str] | None = None
+    ) -> Iterator[Iterator[Entry]]:
+        """Stream a snapshot's catalog; with `paths`, only entries that may be one of
+        them or lie under one (callers still test each entry: it is a fast pre-filter)."""
+        needles = [path_needle(p) for p in paths] if paths else None
+        with self._catalog_file(record).open("rb") as compressed:
+            yield read_entries(compressed, needles)
+
+    def _catalog_file(self, record: SnapshotRecord) -> Path:
+        cached = self._cache.path(record.id) if self._cache else None
+        if cached is not None:
+            return cached
+        if self._fetched is None:
+            self._fetched = tempfile.TemporaryDirectory(prefix="muster-catalogs-")
+        kept = Path(self._fetched.name, f"{record.id}.jsonl.zst")
+        if not kept.exists():
+            partial = kept.with_suffix(".partial")
+            with (
+                self.repo.get(catalog_name(record.id)) as encrypted,
+                age.Decryptor(encrypted, self.identities) as plain,
+                partial.open("wb") as out,
+            ):
+                shutil.copyfileobj(plain, out, 1 << 20)
+            partial.replace(kept)
+        return kept
 
 
 def under(entry: Entry, paths: list[str]) -> bool:

@@ -132,8 +132,18 @@ def read_lines(compressed: BinaryIO) -> Iterator[tuple[Entry, bytes]]:
         yield decode_line(line), line
 
 
-def read_entries(compressed: BinaryIO) -> Iterator[Entry]:
-    return (entry for entry, _ in read_lines(compressed))
+def read_entries(compressed: BinaryIO, needles: list[bytes] | None = None) -> Iterator[Entry]:
+    """Entries; with `needles`, only lines holding one of them are decoded at all."""
+    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    for line in io.BufferedReader(reader, 1 << 16):  # type: ignore[arg-type]
+        if needles is None or any(needle in line for needle in needles):
+            yield decode_line(line)
+
+
+def path_needle(path: str) -> bytes:
+    """The bytes every catalog line of `path`, or of a path under it, contains: its
+    JSON-escaped form, escaped character by character, as `encode_line` writes it."""
+    return json.dumps(path, ensure_ascii=False)[1:-1].encode("utf-8", "surrogateescape")
 
 
 def write_entries(entries: Iterable[Entry], sink: BinaryIO, level: int = 3) -> int:

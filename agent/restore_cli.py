@@ -19,7 +19,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,11 +33,11 @@ from rich.table import Table
 from agent.actions.find import Match, run_find
 from agent.actions.forget import ForgetOutcome, run_forget
 from agent.actions.ls import Listing, run_ls
-from agent.actions.restore import RestoreOutcome, _choose, absolute, run_restore
+from agent.actions.restore import RestoreOutcome, absolute, choose_snapshots, run_restore
 from agent.actions.verify import VerifyOutcome, run_verify
 from agent.actions.versions import Version, run_versions
-from agent.archive import Archive, NoSnapshot, inside, under
-from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_entries, write_entries
+from agent.archive import Archive, NoSnapshot, inside
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry
 from agent.context import CommandError, RepoContext, repo_command, repository_key
 from agent.display import TransferProgress, human_duration, human_size
 from agent.retention import POLICY_EMPTY
@@ -93,6 +92,10 @@ at_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 
 
+def repo_archive(context: RepoContext) -> Archive:
+    return Archive(context.repo, context.identities, context.cache)
+
+
 @contextlib.contextmanager
 def lookup_errors() -> Iterator[None]:
     """A snapshot or path that is not there is a failure of the command (exit 1)."""
@@ -102,49 +105,6 @@ def lookup_errors() -> Iterator[None]:
         raise CommandError(str(error)) from None
     except BadWhen as error:
         raise CommandError(f"--at: {error}", exit_code=2) from None
-
-
-class ReadOnce(Archive):
-    """The context's archive, fetching and decrypting each catalog at most once.
-
-    `muster restore` reads the catalogs it restores from twice (once to see what will be
-    written, once to write it), and a catalog other than the latest comes from storage.
-    Catalogs read from storage are kept, re-compressed, in a private temporary directory
-    that `close` removes.
-    """
-
-    def __init__(self, context: RepoContext) -> None:
-        super().__init__(context.repo, context.identities, context.cache)
-        self._local = context.cache
-        self._directory: tempfile.TemporaryDirectory[str] | None = None
-
-    def __enter__(self) -> ReadOnce:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._directory is not None:
-            self._directory.cleanup()
-            self._directory = None
-
-    @contextlib.contextmanager
-    def entries(self, record: SnapshotRecord) -> Iterator[Iterator[Entry]]:
-        if self._local.path(record.id) is not None:  # already a local file
-            with super().entries(record) as entries:
-                yield entries
-            return
-        if self._directory is None:
-            self._directory = tempfile.TemporaryDirectory(prefix="muster-catalogs-")
-        kept = Path(self._directory.name, f"{record.id}.jsonl.zst")
-        if not kept.exists():
-            partial = kept.with_suffix(".tmp")
-            with super().entries(record) as entries, partial.open("wb") as out:
-                write_entries(entries, out, level=1)
-            partial.replace(kept)
-        with kept.open("rb") as stream:
-            yield read_entries(stream)
 
 
 def when(record: SnapshotRecord) -> str:
@@ -238,13 +198,11 @@ def plan_restore(
     exists at the target: the backup's own content is unchanged, anything else conflicts."""
     plan = RestorePlan(root)
     wanted = list(dict.fromkeys(absolute(p) for p in paths))
-    chosen = _choose(archive, wanted, at, RestoreOutcome())
-    for record, record_paths in chosen:
+    for record, record_paths, entries in choose_snapshots(archive, wanted, at, RestoreOutcome()):
         plan.snapshots.update(dict.fromkeys(record_paths, record))
-        with archive.entries(record) as entries:
-            for entry in entries:
-                if entry.type != DIRECTORY and under(entry, record_paths):
-                    _plan_entry(plan, entry, record_paths, existing)
+        for entry in entries:
+            if entry.type != DIRECTORY:
+                _plan_entry(plan, entry, record_paths, existing)
     plan.snapshots = {p: plan.snapshots[p] for p in wanted if p in plan.snapshots}
     return plan
 
@@ -396,7 +354,7 @@ def restore_command(
     only when everything asked for was restored.
     """
     root = Path(os.path.abspath(to)) if to else Path("/")
-    with lookup_errors(), ReadOnce(context) as archive:
+    with lookup_errors(), repo_archive(context) as archive:
         plan = plan_restore(archive, list(wanted), root, at, existing=not overwrite)
         answers = Answers(plan, overwrite, ask=not as_json and interactive())
         stderr = Console(stderr=True)
@@ -497,7 +455,7 @@ def show_problems(
 def ls_command(context: RepoContext, path: str, at: str | None, as_json: bool) -> None:
     """List one directory of a snapshot, like `ls -l` [default PATH: /]. Directories that
     only lead to backed-up paths are listed too, with unknown details."""
-    with lookup_errors(), ReadOnce(context) as archive:
+    with lookup_errors(), repo_archive(context) as archive:
         listing = run_ls(archive, path, at)
         alone = None
         if not listing.entries and not listing.implied:

@@ -51,12 +51,10 @@ def run_restore(
     any symlink found under `root`, as a `--to DIR` restore must."""
     outcome = RestoreOutcome()
     wanted = [absolute(p) for p in paths]
-    chosen = _choose(archive, wanted, at, outcome)
+    chosen = choose_snapshots(archive, wanted, at, outcome)
     target = Target(root, overwrite, strict)
     restorer = _Restorer(archive, target, outcome, progress)
-    for record, record_paths in chosen:
-        with archive.entries(record) as entries:
-            selected = [e for e in entries if under(e, record_paths)]
+    for record, _, selected in chosen:
         restorer.restore(selected, _link_sources(archive, record, selected))
     target.finish()
     return outcome
@@ -69,26 +67,31 @@ def _link_sources(archive: Archive, record: SnapshotRecord, selected: list[Entry
     needed = {e.link for e in selected if e.type == HARDLINK and e.link not in chosen}
     if not needed:
         return []
-    with archive.entries(record) as entries:
+    with archive.entries(record, sorted(needed)) as entries:
         return [e for e in entries if e.path in needed]
 
 
-def _choose(
+def choose_snapshots(
     archive: Archive, wanted: list[str], at: str | None, outcome: RestoreOutcome
-) -> list[tuple[SnapshotRecord, list[str]]]:
-    """Which snapshot each path comes from: the chosen one, or the newest that has it."""
+) -> list[tuple[SnapshotRecord, list[str], list[Entry]]]:
+    """Which snapshot each path comes from (the chosen one, or the newest that has it),
+    with the entries to restore from it: each catalog is read once."""
     candidates = [archive.select(at)] if at else list(reversed(archive.records))
     if not candidates:
         raise NoSnapshot(f"no snapshots yet for {archive.repo.node}/{archive.repo.job}")
-    chosen: list[tuple[SnapshotRecord, list[str]]] = []
+    chosen: list[tuple[SnapshotRecord, list[str], list[Entry]]] = []
     missing = list(wanted)
     for record in candidates:
         if not missing:
             break
-        with archive.entries(record) as entries:
-            found = sorted({p for e in entries for p in missing if under(e, [p])})
+        with archive.entries(record, missing) as entries:
+            matching = [e for e in entries if under(e, missing)]
+        found = sorted({p for p in missing if any(under(e, [p]) for e in matching)})
         if found:
-            chosen.append((record, found))
+            selected = (
+                matching if len(found) == len(missing) else [e for e in matching if under(e, found)]
+            )
+            chosen.append((record, found, selected))
             outcome.snapshots.update(dict.fromkeys(found, record.id))
         missing = [p for p in missing if p not in found]
     if missing:

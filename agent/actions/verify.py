@@ -147,7 +147,9 @@ class _Narrowed(Archive):
         return self._base.volume_sizes
 
     @contextlib.contextmanager
-    def entries(self, record: SnapshotRecord) -> Iterator[Iterator[Entry]]:
+    def entries(
+        self, record: SnapshotRecord, paths: list[str] | None = None
+    ) -> Iterator[Iterator[Entry]]:
         with self._source(record) as entries:
             yield self._note(entries)
 

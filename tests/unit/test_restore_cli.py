@@ -17,10 +17,11 @@ from rich.console import Console
 
 from agent import age, restore_cli
 from agent.actions.restore import run_restore
+from agent.archive import Archive
 from agent.context import RepoOptions, resolve
 from agent.display import TransferProgress
 from agent.repository import Repository
-from agent.restore_cli import ReadOnce, plan_restore
+from agent.restore_cli import plan_restore, repo_archive
 from muster.cli import cli
 
 NODE = "web1"
@@ -405,8 +406,8 @@ def test_restore_shows_progress_on_a_terminal(
 # -- planning --------------------------------------------------------------------------------
 
 
-def _archive(setup: Setup) -> ReadOnce:
-    return ReadOnce(resolve(RepoOptions(repo=f"file://{setup.repo}", node=NODE,
+def _archive(setup: Setup) -> Archive:
+    return repo_archive(resolve(RepoOptions(repo=f"file://{setup.repo}", node=NODE,
                                         state_dir=setup.state)))  # fmt: skip
 
 
