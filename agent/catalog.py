@@ -127,14 +127,18 @@ def decode_line(line: bytes) -> Entry:
 def read_lines(compressed: BinaryIO) -> Iterator[tuple[Entry, bytes]]:
     """Stream (entry, its line) from zstd-compressed catalog lines, one at a time; the
     line lets an unchanged entry be written to the next catalog without re-encoding."""
-    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        compressed, read_across_frames=True, closefd=False
+    )
     for line in io.BufferedReader(reader, 1 << 16):  # type: ignore[arg-type]
         yield decode_line(line), line
 
 
 def read_entries(compressed: BinaryIO, needles: list[bytes] | None = None) -> Iterator[Entry]:
     """Entries; with `needles`, only lines holding one of them are decoded at all."""
-    reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        compressed, read_across_frames=True, closefd=False
+    )
     for line in io.BufferedReader(reader, 1 << 16):  # type: ignore[arg-type]
         if needles is None or any(needle in line for needle in needles):
             yield decode_line(line)
