@@ -21,8 +21,10 @@ class Repository:
         self.job = job
         self._prefix = job_prefix(node, job)
 
-    def open_writer(self, name: str) -> AbstractContextManager[BinaryIO]:
-        return self.storage.open_writer(self._prefix + name)
+    def open_writer(
+        self, name: str, size_hint: int | None = None
+    ) -> AbstractContextManager[BinaryIO]:
+        return self.storage.open_writer(self._prefix + name, size_hint)  # type: ignore[return-value]
 
     def get(self, name: str) -> BinaryIO:
         return self.storage.get(self._prefix + name)

@@ -44,15 +44,15 @@ class _Paced:
         return self._sink.write(data)
 
 
-OpenWriter = Callable[[str], AbstractContextManager[BinaryIO]]
+OpenWriter = Callable[..., AbstractContextManager[BinaryIO]]  # (name, size_hint=None)
 
 
 def paced(open_writer: OpenWriter, throttle: Throttle) -> OpenWriter:
     """`open_writer`, with every object written through one shared throttle."""
 
     @contextmanager
-    def open_paced(name: str) -> Iterator[BinaryIO]:
-        with open_writer(name) as sink:
+    def open_paced(name: str, size_hint: int | None = None) -> Iterator[BinaryIO]:
+        with open_writer(name, size_hint) as sink:
             yield _Paced(sink, throttle)  # type: ignore[misc]
 
     return open_paced  # type: ignore[return-value]

@@ -14,7 +14,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -23,14 +22,13 @@ import zstandard
 from agent import age
 from agent.catalog import Entry, Location
 from agent.tarheader import END_OF_ARCHIVE, padding
+from agent.throttle import OpenWriter
 from broker.snapshot import VolumeInfo, volume_name
 
 FRAME_TARGET = 1 << 20
 FRAME_MAX = 4 << 20
 IN_FLIGHT = 4
 READ_SIZE = 1 << 20
-
-OpenWriter = Callable[[str], AbstractContextManager[BinaryIO]]
 
 
 class HashingSink:
@@ -135,7 +133,7 @@ class VolumeWriter:
         has no data (directories, symlinks, hard links), whatever `entry.size` says."""
         size = entry.size if content is not None else 0
         self._rotate_before(size)
-        volume = self._current()
+        volume = self._current(size)
         if len(self._frame) >= FRAME_TARGET:
             self._cut_frame()
         pending = _Pending(entry, self._frame_index, len(self._frame))
@@ -219,12 +217,14 @@ class VolumeWriter:
 
     # -- volumes -------------------------------------------------------------------------
 
-    def _current(self) -> _Volume:
+    def _current(self, first_member: int = 0) -> _Volume:
         if self._volume is None:
             self._number += 1
             name = volume_name(self._snapshot_id, self._number)
             stack = contextlib.ExitStack()
-            sink = HashingSink(stack.enter_context(self._open_writer(name)))
+            # How big it may grow, so storage can size its parts (a big file's own volume)
+            hint = max(self._target, first_member) * 102 // 100 + (1 << 20)
+            sink = HashingSink(stack.enter_context(self._open_writer(name, hint)))
             self._volume = _Volume(name, stack, sink, age.Encryptor(sink, self._recipients))
         return self._volume
 

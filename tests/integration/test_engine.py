@@ -266,8 +266,8 @@ def test_an_upload_cut_mid_volume_leaves_no_snapshot_and_the_next_run_succeeds(
     class Cutter:
         """Lets 200 KiB of the second volume through, then the connection 'drops'."""
 
-        def __init__(self, name: str) -> None:
-            self._inner = real_open_writer(name)
+        def __init__(self, name: str, size_hint: int | None = None) -> None:
+            self._inner = real_open_writer(name, size_hint)
             self._cut = "/00002." in name
             self._written = 0
 

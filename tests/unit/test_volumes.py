@@ -18,7 +18,7 @@ KEY = age.Identity.generate()
 class Objects(dict):
     """An in-memory object store with the open_writer shape: committed on clean exit."""
 
-    def open_writer(self, name: str):
+    def open_writer(self, name: str, size_hint: int | None = None):
         store = self
 
         class Writer(io.BytesIO):
