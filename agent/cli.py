@@ -26,13 +26,6 @@ from muster import __version__
 MAX_WARNINGS_SHOWN = 20
 
 
-def register(root: click.Group) -> None:
-    """Add the agent's commands to the `muster` group, and `generate` to `muster keys`."""
-    root.add_command(backup_command)
-    root.add_command(snapshots_command)
-    keys_group.add_command(keys_generate_command)
-
-
 # -- muster backup -------------------------------------------------------------------------
 
 
@@ -147,7 +140,7 @@ def snapshots_table(summaries: list[SnapshotSummary], title: str) -> Table:
 # -- muster keys generate ------------------------------------------------------------------
 
 
-@click.command("generate")
+@keys_group.command("generate")
 @click.argument("keyfile", type=click.Path(dir_okay=False, path_type=Path))
 def keys_generate_command(keyfile: Path) -> None:
     """Create this node's age identity in KEYFILE (mode 0600; an existing file is never

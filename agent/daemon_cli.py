@@ -17,10 +17,6 @@ from broker.cli import settings_options
 log = logging.getLogger(__name__)
 
 
-def register(root: click.Group) -> None:
-    root.add_command(agent_group)
-
-
 @click.group("agent")
 def agent_group() -> None:
     """The node's agent daemon."""

@@ -52,19 +52,6 @@ MAX_LISTED = 20  # refused files or errors named in a text summary; --json lists
 READ_SIZE = 1 << 20
 
 
-def register_restore_commands(root: click.Group) -> None:
-    """Add restore, ls, versions, find, verify and forget to the `muster` group."""
-    for command in (
-        restore_command,
-        ls_command,
-        versions_command,
-        find_command,
-        verify_command,
-        forget_command,
-    ):
-        root.add_command(command)
-
-
 # -- shared pieces ---------------------------------------------------------------------------
 
 

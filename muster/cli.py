@@ -1,22 +1,50 @@
 """The root of `muster`: global options, logging, and errors people can act on."""
 
+import importlib
 import logging
 import sys
 
 import click
 from kombu.exceptions import OperationalError
 
-from agent.cli import register as register_agent_commands
-from agent.daemon_cli import register as register_daemon_commands
-from agent.restore_cli import register_restore_commands
-from broker.cli import broker_group, keys_group
 from broker.errors import ContractError
 from muster import __version__
-from reporter.cli import register as register_reporter_commands
-from ruleengine.cli import register as register_ruleengine_commands
+
+# Each command is imported only when it runs: `muster restore` need not load MongoDB,
+# the rule engine and the daemon first. `muster --help` imports them all.
+COMMANDS = {
+    "agent": "agent.daemon_cli:agent_group",
+    "backup": "agent.cli:backup_command",
+    "broker": "broker.cli:broker_group",
+    "events": "reporter.cli:events_command",
+    "find": "agent.restore_cli:find_command",
+    "forget": "agent.restore_cli:forget_command",
+    "keys": "agent.cli:keys_group",
+    "ls": "agent.restore_cli:ls_command",
+    "report": "reporter.cli:report_command",
+    "reporter": "reporter.cli:reporter_group",
+    "restore": "agent.restore_cli:restore_command",
+    "rules": "ruleengine.cli:rules_group",
+    "ruleengine": "ruleengine.cli:ruleengine_group",
+    "snapshots": "agent.cli:snapshots_command",
+    "status": "reporter.cli:status_command",
+    "verify": "agent.restore_cli:verify_command",
+    "versions": "agent.restore_cli:versions_command",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="muster")
 @click.option(
     "--log-level",
@@ -31,15 +59,6 @@ def cli(log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
-
-cli.add_command(broker_group)
-cli.add_command(keys_group)
-register_agent_commands(cli)
-register_daemon_commands(cli)
-register_ruleengine_commands(cli)
-register_restore_commands(cli)
-register_reporter_commands(cli)
 
 
 def main() -> None:

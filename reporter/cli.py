@@ -43,13 +43,6 @@ EVENT_TYPES = {
 }
 
 
-def register(root: click.Group) -> None:
-    root.add_command(reporter_group)
-    root.add_command(status_command)
-    root.add_command(events_command)
-    root.add_command(report_command)
-
-
 def mongo_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option("--database", help="MongoDB database [env MUSTER_DATABASE]")(command)
     return click.option("--mongo-url", help="MongoDB URI [env MUSTER_MONGO_URL]")(command)

@@ -27,11 +27,6 @@ from ruleengine.engine import RuleEngine, RulesWatcher
 log = logging.getLogger(__name__)
 
 
-def register(root: click.Group) -> None:
-    root.add_command(rules_group)
-    root.add_command(ruleengine_group)
-
-
 # -- muster rules ----------------------------------------------------------------------------
 
 
