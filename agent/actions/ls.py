@@ -22,7 +22,7 @@ def run_ls(archive: Archive, path: str = "/", at: str | None = None) -> Listing:
     prefix = directory.rstrip("/") + "/"
     entries: list[Entry] = []
     implied: list[str] = []
-    with archive.entries(record) as catalog:
+    with archive.entries(record, [directory]) as catalog:
         for entry in catalog:
             if not entry.path.startswith(prefix):
                 continue

@@ -20,7 +20,7 @@ def run_versions(archive: Archive, path: str) -> list[Version]:
     wanted = absolute(path)
     versions: list[Version] = []
     for record in archive.records:
-        with archive.entries(record) as catalog:
+        with archive.entries(record, [wanted]) as catalog:
             entry = next((e for e in catalog if e.path == wanted), None)
         if entry is None:
             continue
