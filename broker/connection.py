@@ -134,13 +134,19 @@ class ContractConsumer(ConsumerMixin):
             for queue in self._queues
         ]
 
-    def _on_message(self, queue: str, delivery: Delivery) -> None:
+    def decoded(self, queue: str, delivery: Delivery) -> AnyMessage | None:
+        """The message; None when it was invalid, and so dead-lettered and acknowledged."""
         try:
-            message = decode(body_bytes(delivery))
+            return decode(body_bytes(delivery))
         except InvalidMessage as error:
             log.warning("dead-lettering a message from %s: %s", queue, error)
             self.publisher.dead_letter(delivery, str(error), queue)
             delivery.ack()
+            return None
+
+    def _on_message(self, queue: str, delivery: Delivery) -> None:
+        message = self.decoded(queue, delivery)
+        if message is None:
             return
         try:
             self._handler(message)

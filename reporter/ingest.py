@@ -318,9 +318,9 @@ def job_update(node: str, job: str, results: Sequence[RunResult], history: int) 
 # -- alerts ---------------------------------------------------------------------------------
 
 
-def history_document(alert: Alert) -> dict[str, Any]:
+def _alert_text(alert: Alert) -> dict[str, Any]:
+    """What an alert says, as stored both in its document and in its history."""
     return {
-        "_id": alert.id,
         "key": alert.key,
         "kind": alert.kind,
         "state": alert.state,
@@ -330,22 +330,17 @@ def history_document(alert: Alert) -> dict[str, Any]:
         "job": alert.job,
         "summary": alert.summary[:MAX_TEXT],
         "details": alert.details,
-        "time": alert.time,
     }
+
+
+def history_document(alert: Alert) -> dict[str, Any]:
+    return {"_id": alert.id, **_alert_text(alert), "time": alert.time}
 
 
 def alert_fields(alert: Alert, published: bool) -> dict[str, Any]:
     """The alert document's fields that one state change sets."""
     return {
-        "key": alert.key,
-        "kind": alert.kind,
-        "state": alert.state,
-        "severity": alert.severity,
-        "source": alert.source,
-        "node": alert.node,
-        "job": alert.job,
-        "summary": alert.summary[:MAX_TEXT],
-        "details": alert.details,
+        **_alert_text(alert),
         "change_time": alert.time,
         "message_id": alert.id,
         "published": published,

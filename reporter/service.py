@@ -36,9 +36,7 @@ from kombu import Connection
 from kombu.message import Message as Delivery
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from broker.codec import decode
-from broker.connection import ContractConsumer, body_bytes
-from broker.errors import InvalidMessage
+from broker.connection import ContractConsumer
 from broker.messages import AnyMessage
 from broker.reporter_config import ReporterSettings
 from broker.topology import REPORTER_QUEUE
@@ -179,12 +177,8 @@ class Reporter(ContractConsumer):
             self.flush(force=True)
 
     def _on_message(self, queue: str, delivery: Delivery) -> None:
-        try:
-            message = decode(body_bytes(delivery))
-        except InvalidMessage as error:
-            log.warning("dead-lettering a message from %s: %s", queue, error)
-            self.publisher.dead_letter(delivery, str(error), queue)
-            delivery.ack()
+        message = self.decoded(queue, delivery)
+        if message is None:
             self.counts["dead_lettered"] += 1
             return
         if not self._held:
