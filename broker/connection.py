@@ -107,7 +107,10 @@ class ContractConsumer(ConsumerMixin):
         self, connection: Connection, queues: Sequence[Queue], handler: Handler, prefetch: int = 50
     ) -> None:
         self.connection = connection
-        self.output = connection.clone()  # lazy: connects on the first publish
+        # Lazy (connects on the first publish) and without heartbeats: nothing reads it
+        # between publishes, so missed heartbeats would kill it while the consumer idles;
+        # a dropped connection is re-established by the publisher's retries instead.
+        self.output = connection.clone(heartbeat=0)
         self.publisher = Publisher(self.output)
         self._queues = list(queues)
         self._handler = handler
@@ -118,11 +121,6 @@ class ContractConsumer(ConsumerMixin):
             super().run(_tokens, **kwargs)
         finally:
             self.output.release()
-
-    def on_iteration(self) -> None:
-        """kombu calls this between deliveries: keep the output connection's heartbeats."""
-        if self.output.connected:
-            self.output.heartbeat_check()
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
         return [

@@ -202,3 +202,33 @@ def test_a_plan_signed_with_another_key_is_rejected_by_the_node(connection, amqp
     (delivery,) = drain(connection, plan_queue("web4"), 1)
     with pytest.raises(SignatureError, match="unknown key"):
         verify_plan(decode(body_bytes(delivery)), TrustedKeys([trusted_key.public_key()]), "web4")
+
+
+def test_a_consumer_idle_for_several_heartbeats_still_consumes_and_dead_letters(
+    connection, amqp_url
+):
+    """The publishing side of a consumer is not read between publishes: heartbeats on it
+    would be 'missed' while the consumer idles, and the consumer would stop for good."""
+    handled = []
+    with connect([amqp_url], heartbeat=1) as beating:
+        consumer = ContractConsumer(beating, [RULEENGINE_QUEUE], handled.append)
+        worker = threading.Thread(target=consumer.run, daemon=True)
+        worker.start()
+        try:
+            raw = pika_channel(amqp_url)
+            raw.basic_publish(EVENTS.name, "keepalive.db2", b"{junk")  # uses the output side
+            time.sleep(4.5)  # more than two heartbeat intervals of silence
+            consumers = RULEENGINE_QUEUE(connection.default_channel).queue_declare(passive=True)
+            assert consumers.consumer_count == 1, "the consumer dropped off its queue"
+            raw.basic_publish(EVENTS.name, "keepalive.db2", b"{more junk")
+            good = Keepalive(node="db2", uptime=1)
+            Publisher(connection).publish(good)
+            deadline = time.monotonic() + 10
+            while not handled and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raw.connection.close()
+        finally:
+            consumer.should_stop = True
+            worker.join(timeout=10)
+    assert [m.id for m in handled] == [good.id]
+    assert len(drain(connection, DEAD_QUEUE, 2)) == 2
