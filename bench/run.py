@@ -1297,7 +1297,8 @@ def _memory(bench: Bench, targets: list[Target]) -> list[str]:
         lines += [
             "",
             "The same local full backup with the storage `Tuning.part_size` at 16 MiB (the "
-            f"default) peaks at {big['peak_bytes'] / 1e6:.0f} MB ({big['seconds']:.1f} s); at "
+            f"default is 8 MiB) peaks at {big['peak_bytes'] / 1e6:.0f} MB "
+            f"({big['seconds']:.1f} s); at "
             f"4 MiB it peaks at {small['peak_bytes'] / 1e6:.0f} MB ({small['seconds']:.1f} s). "
             "Each open object (a volume and the catalog are open together) keeps a part-size "
             "buffer plus a `bytes()` copy of the part being uploaded.",
