@@ -71,7 +71,7 @@ class Tuning:
     two parts in memory. `page_size` is the number of names asked for per listing request.
     """
 
-    part_size: int = 8 * MIB  # the agent's peak memory moves with this (see benchmarks)
+    part_size: int = 5 * MIB  # S3 minimum; the agent's peak memory moves with this
     page_size: int = 1000
     retries: int = 5
     timeout: float = 60.0
