@@ -9,7 +9,7 @@ import pika
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from kombu import Connection, Queue
+from kombu import Connection
 
 from broker.cli import broker_group
 from broker.codec import decode, encode
@@ -27,6 +27,7 @@ from broker.topology import (
     plan_queue,
     tail_queue,
 )
+from tests.amqp import drain
 from tests.examples import every_message, plan
 
 pytestmark = pytest.mark.integration
@@ -41,20 +42,6 @@ def connection(amqp_url: str) -> Iterator[Connection]:
         for queue in (DEAD_QUEUE, RULEENGINE_QUEUE, REPORTER_QUEUE):
             queue(channel).purge()
         yield conn
-
-
-def drain(connection: Connection, queue: Queue, expected: int, timeout: float = 10) -> list:
-    """Take `expected` messages off `queue`, waiting up to `timeout` seconds."""
-    deadline, received = time.monotonic() + timeout, []
-    with connection.channel() as channel:
-        bound = queue(channel)
-        while len(received) < expected and time.monotonic() < deadline:
-            delivery = bound.get(no_ack=True)
-            if delivery is None:
-                time.sleep(0.05)
-            else:
-                received.append(delivery)
-    return received
 
 
 def pika_channel(amqp_url: str):

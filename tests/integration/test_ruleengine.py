@@ -33,6 +33,7 @@ from broker.topology import (
     tail_queue,
 )
 from ruleengine.engine import RuleEngine, RulesWatcher
+from tests.amqp import drain
 from tests.examples import RECIPIENT, facts
 
 pytestmark = pytest.mark.integration
@@ -71,20 +72,6 @@ def replace(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".new")
     temporary.write_text(text)
     temporary.rename(path)
-
-
-def take(connection: Connection, queue, expected: int, timeout: float = 10) -> list:
-    """Take up to `expected` messages off a queue, waiting up to `timeout` seconds."""
-    deadline, received = time.monotonic() + timeout, []
-    with connection.channel() as channel:
-        bound = queue(channel)
-        while len(received) < expected and time.monotonic() < deadline:
-            delivery = bound.get(no_ack=True)
-            if delivery is None:
-                time.sleep(0.05)
-            else:
-                received.append(delivery)
-    return received
 
 
 def node_name(prefix: str = "web") -> str:
@@ -199,7 +186,7 @@ class Node:
 
     def receive(self, timeout: float = 10) -> Plan | None:
         """The next plan on this node's queue, verified as the agent verifies it."""
-        deliveries = take(self.connection, plan_queue(self.name), 1, timeout)
+        deliveries = drain(self.connection, plan_queue(self.name), 1, timeout)
         if not deliveries:
             return None
         self.plan = verify_plan(decode(body_bytes(deliveries[0])), self.trusted, self.name)
@@ -303,7 +290,7 @@ def test_an_invalid_rules_file_is_refused_with_an_alert_until_it_is_fixed(
     good = engine.watcher.current.revision
 
     replace(rules_file, RULES.replace("match: all", "match: {hostnam: web}"))
-    (opened,) = [decode(body_bytes(d)) for d in take(connection, alerts, 1)]
+    (opened,) = [decode(body_bytes(d)) for d in drain(connection, alerts, 1)]
     assert (opened.kind, opened.state, opened.source) == ("rules_invalid", "open", "ruleengine")
     assert opened.key == "rules_invalid:engine-x"
     assert opened.severity == "critical"
@@ -321,12 +308,12 @@ def test_an_invalid_rules_file_is_refused_with_an_alert_until_it_is_fixed(
     assert engine.watcher.current.revision == good
 
     replace(rules_file, CHANGED_RULES)
-    (resolved,) = [decode(body_bytes(d)) for d in take(connection, alerts, 1)]
+    (resolved,) = [decode(body_bytes(d)) for d in drain(connection, alerts, 1)]
     assert (resolved.key, resolved.state) == ("rules_invalid:engine-x", "resolved")
     node.keepalive()
     plan = node.receive()
     assert plan is not None and [job.name for job in plan.jobs] == ["etc", "logs", "www"]
-    assert take(connection, alerts, 1, timeout=1) == []  # one alert each way, no repeats
+    assert drain(connection, alerts, 1, timeout=1) == []  # one alert each way, no repeats
 
 
 def test_a_malformed_announce_is_dead_lettered_and_the_engine_goes_on(
@@ -342,7 +329,7 @@ def test_a_malformed_announce_is_dead_lettered_and_the_engine_goes_on(
     node = make_node().declare()
     node.announce()
     assert node.receive() is not None
-    letters = take(connection, DEAD_QUEUE, len(junk))
+    letters = drain(connection, DEAD_QUEUE, len(junk))
     reasons = {body_bytes(letter): letter.headers[REASON_HEADER] for letter in letters}
     assert sorted(reasons) == sorted(junk)
     assert "not UTF-8 JSON" in reasons[junk[0]]
