@@ -1,7 +1,6 @@
 """The wire contract against a real RabbitMQ, read back by Muster and by pika."""
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ from kombu import Connection
 
 from broker.cli import broker_group
 from broker.codec import decode, encode
-from broker.connection import REASON_HEADER, ContractConsumer, Publisher, body_bytes, connect
+from broker.connection import REASON_HEADER, Publisher, body_bytes, connect
 from broker.errors import SignatureError
 from broker.messages import Keepalive
 from broker.signing import TrustedKeys, sign_plan, verify_plan
@@ -27,7 +26,7 @@ from broker.topology import (
     plan_queue,
     tail_queue,
 )
-from tests.amqp import drain
+from tests.amqp import consuming, depth, drain, wait_for
 from tests.examples import every_message, plan
 
 pytestmark = pytest.mark.integration
@@ -99,10 +98,7 @@ def test_malformed_messages_are_dead_lettered_with_a_reason_and_consumption_goes
     connection, amqp_url
 ):
     handled = []
-    consumer = ContractConsumer(connection.clone(), [RULEENGINE_QUEUE], handled.append)
-    worker = threading.Thread(target=consumer.run, daemon=True)
-    worker.start()
-    try:
+    with consuming(connection.clone(), RULEENGINE_QUEUE, handled.append):
         raw = pika_channel(amqp_url)
         junk = [
             b"{not json",
@@ -115,13 +111,8 @@ def test_malformed_messages_are_dead_lettered_with_a_reason_and_consumption_goes
             raw.basic_publish(EVENTS.name, "keepalive.db1", body)
         good = Keepalive(node="db1", uptime=5)
         Publisher(connection).publish(good)
-        deadline = time.monotonic() + 10
-        while not handled and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: handled)
         raw.connection.close()
-    finally:
-        consumer.should_stop = True
-        worker.join(timeout=10)
 
     assert [m.id for m in handled] == [good.id]
     letters = drain(connection, DEAD_QUEUE, len(junk))
@@ -137,12 +128,8 @@ def test_dead_letters_command_shows_the_reason_without_consuming(connection, amq
     raw = pika_channel(amqp_url)
     raw.basic_publish(EVENTS.name, "announce.x", b'{"type": "announce"}')
     raw.connection.close()
-    consumer = ContractConsumer(connection.clone(), [RULEENGINE_QUEUE], lambda m: None)
-    worker = threading.Thread(target=consumer.run, daemon=True)
-    worker.start()
-    time.sleep(1)
-    consumer.should_stop = True
-    worker.join(timeout=10)
+    with consuming(connection.clone(), RULEENGINE_QUEUE, lambda m: None):
+        wait_for(lambda: depth(connection, DEAD_QUEUE) == 1)
 
     runner = CliRunner()
     for _ in range(2):  # peeking twice shows the same letter: nothing was consumed
@@ -197,25 +184,19 @@ def test_a_consumer_idle_for_several_heartbeats_still_consumes_and_dead_letters(
     """The publishing side of a consumer is not read between publishes: heartbeats on it
     would be 'missed' while the consumer idles, and the consumer would stop for good."""
     handled = []
-    with connect([amqp_url], heartbeat=1) as beating:
-        consumer = ContractConsumer(beating, [RULEENGINE_QUEUE], handled.append)
-        worker = threading.Thread(target=consumer.run, daemon=True)
-        worker.start()
-        try:
-            raw = pika_channel(amqp_url)
-            raw.basic_publish(EVENTS.name, "keepalive.db2", b"{junk")  # uses the output side
-            time.sleep(4.5)  # more than two heartbeat intervals of silence
-            consumers = RULEENGINE_QUEUE(connection.default_channel).queue_declare(passive=True)
-            assert consumers.consumer_count == 1, "the consumer dropped off its queue"
-            raw.basic_publish(EVENTS.name, "keepalive.db2", b"{more junk")
-            good = Keepalive(node="db2", uptime=1)
-            Publisher(connection).publish(good)
-            deadline = time.monotonic() + 10
-            while not handled and time.monotonic() < deadline:
-                time.sleep(0.05)
-            raw.connection.close()
-        finally:
-            consumer.should_stop = True
-            worker.join(timeout=10)
+    with (
+        connect([amqp_url], heartbeat=1) as beating,
+        consuming(beating, RULEENGINE_QUEUE, handled.append),
+    ):
+        raw = pika_channel(amqp_url)
+        raw.basic_publish(EVENTS.name, "keepalive.db2", b"{junk")  # uses the output side
+        time.sleep(4.5)  # more than two heartbeat intervals of silence
+        consumers = RULEENGINE_QUEUE(connection.default_channel).queue_declare(passive=True)
+        assert consumers.consumer_count == 1, "the consumer dropped off its queue"
+        raw.basic_publish(EVENTS.name, "keepalive.db2", b"{more junk")
+        good = Keepalive(node="db2", uptime=1)
+        Publisher(connection).publish(good)
+        wait_for(lambda: handled)
+        raw.connection.close()
     assert [m.id for m in handled] == [good.id]
     assert len(drain(connection, DEAD_QUEUE, 2)) == 2
