@@ -28,6 +28,7 @@ COMMANDS = {
     "ruleengine": "ruleengine.cli:ruleengine_group",
     "snapshots": "agent.cli:snapshots_command",
     "status": "reporter.cli:status_command",
+    "up": "muster.up:up_command",
     "verify": "agent.restore_cli:verify_command",
     "versions": "agent.restore_cli:versions_command",
 }
