@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import signal
 import tempfile
-import threading
-from contextlib import ExitStack
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from types import FrameType
 
@@ -23,20 +24,29 @@ from muster.central import Central, CentralError
 from muster.mongo import MongoUnavailable
 
 
-def wait_for_signal() -> None:
-    """Block until Ctrl-C or SIGTERM; both end `muster up` the same orderly way."""
-    stopped = threading.Event()
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        stopped.set()
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT (even where a shell ignores it for background jobs) end
+    `muster up` as Ctrl-C does, by KeyboardInterrupt in the main thread,
+    so every `finally` runs: threads stop in order, and the embedded MongoDB server (a
+    child in a session of its own) is stopped instead of orphaned."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stopped.wait(1):
-            pass
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM; both end the wait the same orderly way."""
+    with suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
 
 
 @click.command("up")
@@ -89,19 +99,23 @@ def up_command(
     comes back with `muster restore` and with age, zstd and tar; the fleet report is
     printed. Exits 0 when every step passed.
     """
-    if embedded:
-        run_embedded_command(workdir, secantusd, keep_running)
-        return
-    if keep_running or workdir or secantusd:
+    if not embedded and (keep_running or workdir or secantusd):
         raise click.UsageError("--keep-running, --workdir and --secantusd go with --embedded")
-    settings = UpSettings.load(
-        config_file,
-        broker_url=broker_url,
-        rules=rules,
-        signing_key=signing_key,
-        mongo_url=mongo_url,
-    )
-    run_central(settings)
+    with signals_interrupt():
+        try:
+            if embedded:
+                run_embedded_command(workdir, secantusd, keep_running)
+                return
+            settings = UpSettings.load(
+                config_file,
+                broker_url=broker_url,
+                rules=rules,
+                signing_key=signing_key,
+                mongo_url=mongo_url,
+            )
+            run_central(settings)
+        except KeyboardInterrupt:
+            raise click.Abort() from None
 
 
 def run_central(settings: UpSettings) -> None:
@@ -114,7 +128,7 @@ def run_central(settings: UpSettings) -> None:
             f"{central.engine.connection.as_uri()}; Ctrl-C stops",  # type: ignore[union-attr]
             err=True,
         )
-        wait_for_signal()
+        wait_for_interrupt()
     except CentralError as error:
         raise click.ClickException(str(error)) from None
     finally:
@@ -129,6 +143,6 @@ def run_embedded_command(workdir: Path | None, secantusd: Path | None, keep_runn
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="muster-up-")))
         try:
-            run_embedded(workdir.resolve(), secantusd, keep_running, wait_for_signal)
+            run_embedded(workdir.resolve(), secantusd, keep_running, wait_for_interrupt)
         except (MongoUnavailable, CentralError) as error:
             raise click.ClickException(str(error)) from None

@@ -39,17 +39,48 @@ def stopped(process: subprocess.Popen, timeout: float = 30) -> int:
 # -- muster up --embedded ----------------------------------------------------------------------
 
 
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(word) for word in path.read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie left for process 1 to reap counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+def start_up(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(MUSTER), "up", "--embedded", *args], stdout=out, stderr=subprocess.STDOUT
+        )
+    return process, log
+
+
+def wait_for_line(process: subprocess.Popen, log: Path, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        output = log.read_text()
+        if text in output:
+            return output
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    stopped(process)
+    raise AssertionError(f"no {text!r} in the output:\n{log.read_text()}")
+
+
 def test_muster_up_embedded_runs_the_fleet_and_brings_a_lost_file_back(tmp_path: Path):
     workdir = tmp_path / "work"
-    result = subprocess.run(
-        [str(MUSTER), "up", "--embedded", "--workdir", str(workdir)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    process, log = start_up(tmp_path, "--keep-running", "--workdir", str(workdir))
+    output = wait_for_line(process, log, "Ctrl-C stops it", timeout=240)
+    server = children(process.pid)
+    assert server, "the embedded MongoDB-protocol server runs as a child"
     node = NODES[0]
     lost = node.data_dir(workdir) / RESTORED_FILE
     expected = generate(node, tmp_path / "expected")[RESTORED_FILE]
@@ -60,7 +91,20 @@ def test_muster_up_embedded_runs_the_fleet_and_brings_a_lost_file_back(tmp_path:
     assert by_hand.read_bytes() == expected
     for other in NODES:
         assert f"{other.node} accepted its signed plan" in output
-    assert "fleet: 3 nodes, 3 jobs" in output and "every step passed" in output
+    assert "fleet: 3 nodes, 3 jobs" in output
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    assert process.wait(60) == 0, log.read_text()
+    assert "every step passed" in log.read_text()
+    assert all(gone(pid) for pid in server)
+
+
+def test_sigterm_mid_run_stops_everything_and_fails(tmp_path: Path):
+    process, log = start_up(tmp_path)
+    wait_for_line(process, log, "accepted its signed plan", timeout=120)
+    server = children(process.pid)
+    assert stopped(process, timeout=60) == 130
+    assert "every step passed" not in log.read_text()
+    assert all(gone(pid) for pid in server)
 
 
 def test_a_restore_that_fails_fails_the_demo(tmp_path: Path):
