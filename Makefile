@@ -1,11 +1,24 @@
-# Muster's developer entry points. `make test` works on a fresh Debian 12 machine:
-# it installs what it needs, starts the real test services, runs the suite, stops them.
+# Muster's developer entry points. `make run` and `make test` work on a fresh Debian 12
+# machine: `run` installs what it needs and runs the whole system in one process
+# (`muster up --embedded`); `test` installs the real test services, starts them, runs the
+# suite, stops them.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SERVICES := $(BIN)/python -m tests.services
 
-.PHONY: deps system-deps services-deps venv demo test lint services services-stop clean
+.PHONY: run run-deps deps system-deps services-deps venv demo test lint services services-stop clean
+
+## Everything in one process, no server: nodes announce, get plans, back up, test restores;
+## a lost file comes back. UP_ARGS="--keep-running" keeps the fleet up until Ctrl-C.
+run: run-deps venv
+	$(BIN)/muster up --embedded $(UP_ARGS)
+
+# What `run` needs: no RabbitMQ, no Swift; the embedded MongoDB-protocol server, and the
+# standard tools the demo restores with when Muster is not there.
+run-deps:
+	@tests/services/install-system.sh python3-venv zstd age tar
+	@tests/services/install-venvs.sh secantus
 
 deps: system-deps services-deps $(VENV)/.installed
 

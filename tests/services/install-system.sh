@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the real test services need (RabbitMQ, memcached for Swift's
-# tempauth) plus the archivers the backup code drives (zstd, age, GNU tar).
+# tempauth), the archivers the backup code drives (zstd, age, GNU tar) and python3-venv
+# (Debian's python3 makes no venv without it); or only the packages named as arguments
+# (`make run` needs no server).
 # Idempotent and fast: `apt-get update` runs only when something is actually missing.
 set -euo pipefail
 
-PACKAGES=(rabbitmq-server memcached zstd age tar)
+if (($# > 0)); then
+    PACKAGES=("$@")
+else
+    PACKAGES=(python3-venv rabbitmq-server memcached zstd age tar)
+fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -23,10 +23,17 @@ make_venv() {
     printf '%s' "$requirement" >"$marker"
 }
 
+declare -A REQUIREMENTS=([secantus]="SecantusDB==0.7.0b3" [swift]="swift==2.38.3")
+
+# The venvs named as arguments (`make run` needs only secantus), else all, in parallel.
+names=("$@")
+((${#names[@]})) || names=(secantus swift)
 mkdir -p "$SERVICES_DIR"
-make_venv secantus "SecantusDB==0.7.0b3" &
-secantus=$!
-make_venv swift "swift==2.38.3" &
-swift=$!
-wait "$secantus"
-wait "$swift"
+pids=()
+for name in "${names[@]}"; do
+    make_venv "$name" "${REQUIREMENTS[$name]}" &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do
+    wait "$pid"
+done
