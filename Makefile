@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SERVICES := $(BIN)/python -m tests.services
 
-.PHONY: run run-deps deps system-deps services-deps venv demo test lint services services-stop clean
+.PHONY: run run-deps deps system-deps services-deps venv test lint services services-stop clean
 
 ## Everything in one process, no server: nodes announce, get plans, back up, test restores;
 ## a lost file comes back. UP_ARGS="--keep-running" keeps the fleet up until Ctrl-C.
@@ -31,18 +31,6 @@ $(VENV)/.installed: setup.cfg pyproject.toml $(wildcard */__init__.py)
 
 ## Just Muster, for the command line: no test servers.
 venv: $(VENV)/.installed
-
-## Back up /etc into a local directory, list it, restore a file elsewhere, verify it.
-DEMO ?= /tmp/muster-demo
-demo: venv
-	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/muster keys generate $(DEMO)/node.key
-	$(BIN)/muster backup /etc --repo file://$(DEMO)/repo --identity $(DEMO)/node.key
-	$(BIN)/muster snapshots --repo file://$(DEMO)/repo --identity $(DEMO)/node.key
-	$(BIN)/muster restore /etc/passwd --to $(DEMO)/restored \
-		--repo file://$(DEMO)/repo --identity $(DEMO)/node.key
-	diff /etc/passwd $(DEMO)/restored/etc/passwd && echo "restored file matches"
-	$(BIN)/muster verify --all --repo file://$(DEMO)/repo --identity $(DEMO)/node.key
 
 system-deps:
 	@tests/services/install-system.sh
