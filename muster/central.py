@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 
 from kombu import Connection
 from pymongo.errors import PyMongoError
@@ -35,18 +34,18 @@ class CentralError(RuntimeError):
     """A central component could not start; the message says which and why."""
 
 
-@dataclass
 class Central:
     """`start()` returns once both consume; `stop()` lets the reporter write what it
     holds, then closes everything it opened."""
 
-    settings: UpSettings
-    instance: str = "muster-up"
-    engine: RuleEngine | None = None
-    reporter: Reporter | None = None
-    store: Store | None = None
-    _connections: list[Connection] = field(default_factory=list)
-    _threads: list[threading.Thread] = field(default_factory=list)
+    def __init__(self, settings: UpSettings, instance: str = "muster-up") -> None:
+        self.settings = settings
+        self.instance = instance
+        self.engine: RuleEngine | None = None
+        self.reporter: Reporter | None = None
+        self.store: Store | None = None
+        self._connections: list[Connection] = []
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         settings = self.settings

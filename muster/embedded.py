@@ -42,6 +42,7 @@ from agent.daemon import Agent
 from broker.agent_config import AgentSettings
 from broker.codec import parse_json
 from broker.connection import body_bytes, connect
+from broker.errors import InvalidMessage
 from broker.messages import Facts
 from broker.signing import generate_signing_key, public_pem
 from broker.topology import tail_queue
@@ -173,7 +174,10 @@ def printed_events(broker_url: str) -> Iterator[None]:
     stop = threading.Event()
 
     def show(delivery: Any) -> None:
-        click.echo(describe(parse_json(body_bytes(delivery))))
+        try:
+            click.echo(describe(parse_json(body_bytes(delivery))))
+        except InvalidMessage as error:  # shown, not judged: the consumers dead-letter it
+            say(f"an unreadable message on {delivery.delivery_info.get('routing_key')}: {error}")
 
     def follow() -> None:
         with connect([broker_url]) as connection:

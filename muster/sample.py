@@ -78,7 +78,7 @@ def _files(node: SimulatedNode, rng: random.Random) -> dict[str, bytes]:
     for index in range(40):
         folder = ("docs", "logs", "conf/app", "data/blobs")[index % 4]
         if folder == "data/blobs":  # incompressible, like media or already-compressed data
-            files[f"{folder}/blob-{index:03d}.bin"] = rng.randbytes(rng.randint(16, 96) * 1024)
+            files[f"{folder}/blob-{index:03d}.bin"] = rng.randbytes(rng.randint(256, 1024) * 1024)
         else:
             files[f"{folder}/file-{index:03d}.txt"] = _text(rng, rng.randint(20, 400)).encode()
     files["conf/settings.json"] = json.dumps({"node": node.node, "labels": node.labels}).encode()

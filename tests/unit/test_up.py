@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from kombu import Producer
 
+from broker.connection import QUEUE_HEADER, REASON_HEADER, ContractConsumer, connect
 from broker.errors import InvalidMessage
 from broker.rules import load_rules
+from broker.topology import DEAD_QUEUE, EVENTS, RULEENGINE_QUEUE, declare
 from broker.up_config import UpSettings
 from muster.cli import cli
 from muster.embedded import (
+    BROKER_URL,
     DemoFailed,
     RestoreCase,
     SimulatedAgent,
@@ -126,3 +132,32 @@ def test_a_missing_secantusd_says_how_to_get_one(tmp_path: Path):
 def test_embedded_only_options_need_embedded():
     result = CliRunner().invoke(cli, ["up", "--keep-running"])
     assert result.exit_code == 2 and "go with --embedded" in result.output
+
+
+def test_on_the_memory_transport_an_invalid_message_is_dead_lettered_with_its_reason():
+    """`--embedded` runs the contract's consumers on kombu's memory transport: the topology
+    declares there (queue arguments ignored) and bad input still reaches muster.dead."""
+    with connect([BROKER_URL]) as connection:
+        declare(connection)
+        channel = connection.channel()
+        for queue in (DEAD_QUEUE, RULEENGINE_QUEUE):
+            queue(channel).purge()
+        Producer(channel).publish(
+            b"not json", exchange=EVENTS.name, routing_key="announce.n1", content_encoding="binary"
+        )
+        handled: list = []
+        consumer = ContractConsumer(connection.clone(), [RULEENGINE_QUEUE], handled.append)
+        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread.start()
+        try:
+            letter = None
+            deadline = time.monotonic() + 10
+            while letter is None and time.monotonic() < deadline:
+                letter = DEAD_QUEUE(channel).get(no_ack=True)
+                time.sleep(0.05)
+        finally:
+            consumer.should_stop = True
+            thread.join(10)
+    assert letter is not None and handled == []
+    assert letter.headers[REASON_HEADER].startswith("message is not UTF-8 JSON")
+    assert letter.headers[QUEUE_HEADER] == RULEENGINE_QUEUE.name
