@@ -299,18 +299,17 @@ def standard_tools_script(case: RestoreCase, snapshot: str, dest: Path) -> str:
     }
     lines = [f"{name}={shlex.quote(str(value))}" for name, value in values.items()]
     lines += [
-        'cd "$(mktemp -d)"',
+        'mkdir -p "$DEST" && cd "$DEST/.."',
         'age -d -i "$KEY" "$REPO/catalogs/$SNAP.jsonl.zst.age" | zstd -d > catalog.jsonl',
         'VOL=$(grep -a -F "\\"path\\": \\"$FILE\\", " catalog.jsonl '
         '| grep -o \'"volume": "[^"]*"\' | cut -d \'"\' -f 4)',
-        'mkdir -p "$DEST"',
         'age -d -i "$KEY" "$REPO/$VOL" | zstd -d | tar -x -p -f - -C "$DEST" "${FILE#/}"',
     ]
     return "\n".join(lines) + "\n"
 
 
 def standard_tools_restore(case: RestoreCase, snapshot: str) -> None:
-    dest = case.workdir.path / "restored-without-muster"
+    dest = case.workdir.path / "without-muster" / "restored"
     script = standard_tools_script(case, snapshot, dest)
     click.echo("The same file without Muster, with age, zstd and tar (bash):")
     for line in script.splitlines():

@@ -86,7 +86,7 @@ def test_muster_up_embedded_runs_the_fleet_and_brings_a_lost_file_back(tmp_path:
     expected = generate(node, tmp_path / "expected")[RESTORED_FILE]
     assert f"✓ {lost} restored by muster restore, identical to the original" in output
     assert lost.read_bytes() == expected
-    by_hand = workdir / "restored-without-muster" / lost.relative_to("/")
+    by_hand = workdir / "without-muster" / "restored" / lost.relative_to("/")
     assert f"✓ {by_hand} restored by age, zstd and tar, identical to the original" in output
     assert by_hand.read_bytes() == expected
     for other in NODES:
