@@ -206,23 +206,32 @@ def healthy(nodes: list[dict[str, Any]], expected: int) -> bool:
     return done >= expected
 
 
+def report_plans(agents: list[SimulatedAgent], seen: dict[str, str]) -> None:
+    """Say which nodes accepted a plan since the last call (`seen`: node -> plan hash)."""
+    for agent in agents:
+        plan = agent.plans.plan
+        if plan is not None and plan.content_hash() != seen.get(agent.node):
+            seen[agent.node] = plan.content_hash()
+            jobs = ", ".join(f"{job.name} ({', '.join(job.sources.paths)})" for job in plan.jobs)
+            say(f"{agent.node} accepted its signed plan {plan.content_hash()[:19]}: {jobs}")
+
+
 def wait_healthy(central: Central, agents: list[SimulatedAgent]) -> None:
-    """Say when each node gets its plan; return once the reporter has every node's
-    backup and restore test in MongoDB."""
+    """Say when each node gets its plan, show the fleet table once all have one; return
+    once the reporter has every node's backup and restore test in MongoDB."""
     assert central.store is not None
-    seen: dict[str, str | None] = {agent.node: None for agent in agents}
+    seen: dict[str, str] = {}
+    shown = False
     deadline = time.monotonic() + HEALTHY_TIMEOUT
     while time.monotonic() < deadline:
-        for agent in agents:
-            plan = agent.plans.plan
-            if plan is not None and plan.content_hash() != seen[agent.node]:
-                seen[agent.node] = plan.content_hash()
-                jobs = ", ".join(
-                    f"{job.name} ({', '.join(job.sources.paths)})" for job in plan.jobs
-                )
-                say(f"{agent.node} accepted its signed plan {plan.content_hash()[:19]}: {jobs}")
-        if healthy(fleet_status(central.store), len(agents)):
+        report_plans(agents, seen)
+        nodes = fleet_status(central.store)
+        if healthy(nodes, len(agents)):
             return
+        if not shown and len(seen) == len(agents) and len(nodes) == len(agents):
+            shown = True
+            say("every node holds its plan; the fleet table (muster status) so far:")
+            render_status(nodes, datetime.now(UTC))
         time.sleep(0.2)
     raise DemoFailed(
         f"the fleet was not healthy within {HEALTHY_TIMEOUT:.0f} s; see the lines above"
