@@ -11,8 +11,8 @@ and a state directory of its own (muster.sample). The demo then shows what a use
 2. the fleet table fills (`muster status`);
 3. a file is deleted on a node and brought back by `muster restore`, run as a user
    would run it on that node (a subprocess; the node's stored plan gives every default);
-4. the fleet report (`muster report`);
-5. the same file restored with age, zstd and tar alone (docs/RESTORE-WITHOUT-MUSTER.md).
+4. the same file restored with age, zstd and tar alone (docs/RESTORE-WITHOUT-MUSTER.md);
+5. the fleet report (`muster report`).
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ from muster.mongo import EmbeddedMongo, find_secantusd
 from muster.sample import NODES, RESTORED_FILE, SimulatedNode, generate
 from reporter.cli import describe, render_report, render_status
 from reporter.queries import fleet_status, report
-
-log = logging.getLogger(__name__)
 
 BROKER_URL = "memory://"
 RULES_TEMPLATE = "embedded-rules.yaml"
@@ -104,7 +102,9 @@ class Workdir:
 
     def prepare(self) -> dict[str, dict[str, bytes]]:
         """Write the rules, the signing key pair and every node's data; returns the
-        files written per node. A kept work directory is reused as it is."""
+        files written per node. A kept work directory (--workdir) keeps its signing key,
+        the nodes' identities, plans and schedules, and the backups: a second run goes on
+        where the first stopped."""
         self.path.mkdir(parents=True, exist_ok=True)
         template = resources.files("muster").joinpath(RULES_TEMPLATE).read_text()
         self.rules.write_text(Template(template).substitute(workdir=self.path))
@@ -179,16 +179,20 @@ def printed_events(broker_url: str) -> Iterator[None]:
         except InvalidMessage as error:  # shown, not judged: the consumers dead-letter it
             say(f"an unreadable message on {delivery.delivery_info.get('routing_key')}: {error}")
 
+    ready = threading.Event()
+
     def follow() -> None:
         with connect([broker_url]) as connection:
             queue = tail_queue(SHOWN_EVENTS)
             with Consumer(connection.channel(), queues=[queue], on_message=show, no_ack=True):
+                ready.set()
                 while not stop.is_set():
                     with suppress(TimeoutError):
                         connection.drain_events(timeout=0.2)
 
     thread = threading.Thread(target=follow, name="muster-events", daemon=True)
     thread.start()
+    ready.wait(10)  # bound before the nodes start, so that no announce goes unseen
     try:
         yield
     finally:
@@ -197,13 +201,14 @@ def printed_events(broker_url: str) -> Iterator[None]:
 
 
 def healthy(nodes: list[dict[str, Any]], expected: int) -> bool:
-    """Every node reported a successful backup and a successful restore test."""
-    done = 0
-    for node in nodes:
-        for job in node["jobs"]:
-            backup, verify = job.get("last_success"), job.get("last_restore_test")
-            done += bool(backup) and bool(verify) and verify["status"] == "success"
-    return done >= expected
+    """`expected` nodes have jobs, each with a successful backup and a successful
+    restore test (`fleet_status` entries)."""
+
+    def tested(job: dict[str, Any]) -> bool:
+        verify = job.get("last_restore_test")
+        return bool(job.get("last_success")) and bool(verify) and verify["status"] == "success"
+
+    return sum(bool(node["jobs"]) and all(map(tested, node["jobs"])) for node in nodes) >= expected
 
 
 def report_plans(agents: list[SimulatedAgent], seen: dict[str, str]) -> None:

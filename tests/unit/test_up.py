@@ -100,6 +100,9 @@ def test_healthy_needs_a_successful_backup_and_restore_test_on_every_node():
     assert healthy([node("success"), node("success")], 2)
     assert not healthy([node("success"), node(None)], 2)
     assert not healthy([node("success"), node("failure")], 2)
+    assert not healthy([node("success"), {"jobs": []}], 2)  # a node without a plan yet
+    two_jobs = {"jobs": node("success")["jobs"] + node("failure")["jobs"]}
+    assert not healthy([node("success"), two_jobs], 2)
 
 
 def test_a_restored_file_that_differs_or_is_missing_fails_the_demo(tmp_path: Path):
