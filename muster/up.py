@@ -71,7 +71,11 @@ def wait_for_interrupt() -> None:
     help="with --embedded: the SecantusDB server [env MUSTER_SECANTUSD; default: "
     ".services/venv-secantus/bin/secantusd-py, then the PATH]",
 )
-@click.option("--rules", type=click.Path(dir_okay=False, path_type=Path), help="[env MUSTER_RULES]")
+@click.option(
+    "--rules",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="the rules file [env MUSTER_RULES]",
+)
 @click.option(
     "--signing-key",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -101,6 +105,11 @@ def up_command(
     """
     if not embedded and (keep_running or workdir or secantusd):
         raise click.UsageError("--keep-running, --workdir and --secantusd go with --embedded")
+    if embedded and (rules or signing_key or mongo_url or config_file or broker_url):
+        raise click.UsageError(
+            "--embedded brings its own broker, MongoDB, rules and key: drop --rules, "
+            "--signing-key, --mongo-url, --config and --broker-url"
+        )
     with signals_interrupt():
         try:
             if embedded:

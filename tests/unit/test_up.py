@@ -164,3 +164,8 @@ def test_on_the_memory_transport_an_invalid_message_is_dead_lettered_with_its_re
     assert letter is not None and handled == []
     assert letter.headers[REASON_HEADER].startswith("message is not UTF-8 JSON")
     assert letter.headers[QUEUE_HEADER] == RULEENGINE_QUEUE.name
+
+
+def test_embedded_brings_its_own_servers_and_refuses_theirs():
+    result = CliRunner().invoke(cli, ["up", "--embedded", "--mongo-url", "mongodb://x/"])
+    assert result.exit_code == 2 and "brings its own broker" in result.output
