@@ -40,15 +40,16 @@ from kombu.exceptions import KombuError
 from kombu.message import Message as Delivery
 
 from agent import age
+from agent.daemon_run import IDENTITY_FILE, SCRATCH_DIR, ChildRunner, RunContext, Runner
 from agent.facts import FactSources, collect
-from agent.hooks import redact, run_hooks
+from agent.hooks import redact
 from agent.planstore import PlanRejected, PlanStore
 from agent.scheduler import STATE_FILE, Scheduler, Task
 from agent.spool import Spool
 from broker.agent_config import AgentSettings
 from broker.codec import decode
 from broker.connection import Publisher, body_bytes, connect
-from broker.errors import ContractError, InvalidMessage
+from broker.errors import InvalidMessage
 from broker.messages import (
     Alert,
     Announce,
@@ -56,12 +57,9 @@ from broker.messages import (
     Keepalive,
     Message,
     RunResult,
-    RunStats,
-    RunStatus,
     SignedPlan,
     new_id,
 )
-from broker.plan import Job
 from broker.signing import TrustedKeys
 from broker.topology import declare, plan_queue
 from broker.types import utcnow
@@ -69,22 +67,10 @@ from muster import __version__
 
 log = logging.getLogger(__name__)
 
-IDENTITY_FILE = "identity.txt"  # as agent.context.IDENTITY_FILE
 SPOOL_DIR = "spool"
-SCRATCH_DIR = "scratch"
 LOCK_FILE = "agent.lock"
-MAX_WARNINGS = 100  # warnings carried by one result; the rest are counted
-MAX_ERROR = 2000
 DRAIN_TIMEOUT = 0.5  # seconds the broker thread waits for a delivery before other chores
 PUBLISH_RETRY: dict[str, Any] = {"max_retries": 0}  # a failed publish means: reconnect
-INTERRUPTED = (
-    "the agent was stopped; the run ended before its snapshot record was written, so nothing "
-    "of it is visible (the next backup removes its objects)"
-)
-
-
-class Interrupted(Exception):
-    """Raised from a backup's progress callback when the agent is told to stop."""
 
 
 # -- identity ------------------------------------------------------------------------------
@@ -108,28 +94,6 @@ def ensure_identity(state_dir: Path) -> age.Identity:
     return age.load_identities(path)[0]
 
 
-def describe_error(error: BaseException) -> str:
-    """One line for a result's `error`: what went wrong, never a secret, bounded."""
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        text = f"{where}{error.strerror}"
-    elif isinstance(error, ContractError | age.AgeError) or type(error).__module__.startswith(
-        "agent.storage"
-    ):
-        text = str(error)
-    else:
-        text = f"{type(error).__name__}: {error}"
-    text = redact(text)
-    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
-
-
-def bounded_warnings(warnings: list[str]) -> list[str]:
-    kept = [redact(w)[:1000] for w in warnings[:MAX_WARNINGS]]
-    if len(warnings) > MAX_WARNINGS:
-        kept.append(f"... and {len(warnings) - MAX_WARNINGS} more warnings")
-    return kept
-
-
 class Backoff:
     """0.5 s, 1 s, 2 s ... up to `maximum`, each with +-20 % jitter so a fleet that lost
     its broker does not come back in lockstep."""
@@ -148,204 +112,21 @@ class Backoff:
         return delay * random.uniform(0.8, 1.2)
 
 
-# -- runs ----------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A backup's progress callback: spools a throttled run_status, raises on stop."""
-
-    def __init__(self, agent: Agent, job: str, run_id: str, kind: str, totals: tuple) -> None:
-        self.agent = agent
-        self.job = job
-        self.run_id = run_id
-        self.kind = kind
-        self.files_total, self.bytes_total = totals
-        self._sent = 0.0
-
-    def __call__(self, files: int, bytes_done: int) -> None:
-        if self.agent.stopping.is_set():
-            raise Interrupted()
-        now = time.monotonic()
-        if now - self._sent >= self.agent.settings.status_interval:
-            self._sent = now
-            self.send("running", files, bytes_done)
-
-    def send(self, phase: str, files: int = 0, bytes_done: int = 0) -> None:
-        self.agent.emit(
-            RunStatus(
-                node=self.agent.node,
-                job=self.job,
-                run_id=self.run_id,
-                kind=self.kind,  # type: ignore[arg-type]
-                phase=phase,
-                files_done=files,
-                bytes_done=bytes_done,
-                files_total=self.files_total,
-                bytes_total=self.bytes_total,
-            )
-        )
-
-
-class Runner:
-    """Turns one scheduled task into a RunResult (and the run_status messages before it)."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    def run(self, task: Task, job: Job) -> RunResult:
-        started = utcnow()
-        fields: dict[str, Any] = {
-            "node": self.agent.node,
-            "job": job.name,
-            "run_id": new_id(),
-            "kind": task.kind,
-            "started": started,
-        }
-        try:
-            if task.kind == "backup":
-                outcome = self._backup(job, fields["run_id"])
-            elif task.kind == "verify":
-                outcome = self._verify(job)
-            else:
-                outcome = self._forget(job)
-        except Interrupted:
-            outcome = {"status": "interrupted", "error": INTERRUPTED}
-        except Exception as error:
-            log.exception("%s of job %s failed", task.kind, job.name)
-            outcome = {"status": "failure", "error": describe_error(error)}
-        return RunResult(**fields, finished=utcnow(), **outcome)
-
-    def _open(self, job: Job) -> tuple[Any, Any, str]:
-        from agent.context import repository_key
-        from agent.repository import Repository
-        from agent.state import CatalogCache
-        from agent.storage import open_storage
-
-        key = repository_key(job.storage, self.agent.node, job.name)
-        repo = Repository(open_storage(job.storage), self.agent.node, job.name)
-        return repo, CatalogCache(self.agent.state_dir, key), key
-
-    def _backup(self, job: Job, run_id: str) -> dict[str, Any]:
-        from agent.actions.backup import run_backup
-        from agent.actions.snapshots import latest
-
-        agent = self.agent
-        env = {"MUSTER_NODE": agent.node, "MUSTER_JOB": job.name, "MUSTER_RUN_ID": run_id}
-        progress = _Progress(agent, job.name, run_id, "backup", (None, None))
-        result: dict[str, Any] = {"status": "failure", "warnings": [], "hooks": []}
-        try:
-            if job.hooks.pre:
-                progress.send("pre_hooks")
-            pre, failure = run_hooks(job.hooks.pre, {**env, "MUSTER_HOOK": "pre"}, agent.stopping)
-            result["hooks"] += pre
-            if agent.stopping.is_set():
-                raise Interrupted()
-            if failure is not None:
-                result["error"] = f"pre {failure}: the backup did not run"
-                return result
-            repo, cache, _ = self._open(job)
-            parent = latest(repo)
-            if parent is not None:
-                progress.files_total, progress.bytes_total = parent.stats.files, parent.stats.bytes
-            progress.send("starting")
-            outcome = run_backup(job, repo, agent.identity, cache, __version__, progress)
-            record, stats = outcome.record, outcome.record.stats
-            result.update(
-                status="warning" if outcome.warnings else "success",
-                snapshot=record.id,
-                full=record.full,
-                warnings=bounded_warnings(outcome.warnings),
-                stats=RunStats(
-                    files=stats.files,
-                    files_new=stats.files_new,
-                    files_changed=stats.files_changed,
-                    files_unchanged=stats.files_unchanged,
-                    bytes_read=stats.bytes_new,
-                    bytes_stored=stats.bytes_stored,
-                    volumes=len(record.volumes),
-                ),
-            )
-            return result
-        except Interrupted:
-            result.update(status="interrupted", error=INTERRUPTED)
-            return result
-        except Exception as error:
-            log.exception("backup of job %s failed", job.name)
-            result.update(status="failure", error=describe_error(error))
-            return result
-        finally:
-            # Post hooks run whatever happened (they undo what pre hooks did), to their end.
-            post_env = {**env, "MUSTER_HOOK": "post", "MUSTER_STATUS": result["status"]}
-            post, post_failure = run_hooks(job.hooks.post, post_env, stop_on_failure=False)
-            result["hooks"] += post
-            if post_failure is not None:
-                result["warnings"].append(f"post {post_failure}")
-                if result["status"] == "success":
-                    result["status"] = "warning"
-
-    def _verify(self, job: Job) -> dict[str, Any]:
-        from agent.actions.verify import run_verify
-        from agent.archive import Archive, NoSnapshot
-
-        repo, cache, key = self._open(job)
-        test = job.restore_test
-        try:
-            outcome = run_verify(
-                Archive(repo, [self.agent.identity], cache),
-                self.agent.state_dir,
-                sample=test.sample,
-                max_duration=test.max_duration,
-                repository_key=key,
-                scratch=self.agent.scratch,
-            )
-        except NoSnapshot as error:
-            return {"status": "failure", "error": f"nothing to test: {error}"}
-        warnings = []
-        if outcome.stopped:
-            warnings.append(
-                f"stopped after max_duration {test.max_duration} s with "
-                f"{len(outcome.volumes_tested)} volumes tested"
-            )
-        status = "failure" if not outcome.ok else "warning" if warnings else "success"
-        return {
-            "status": status,
-            "snapshot": outcome.snapshot,
-            "warnings": warnings,
-            "error": redact("; ".join(outcome.failures))[:MAX_ERROR] or None,
-            "stats": RunStats(
-                files_checked=outcome.files_checked,
-                files_failed=outcome.files_failed,
-                volumes_tested=len(outcome.volumes_tested),
-                coverage=round(outcome.coverage, 4),
-                bytes_read=outcome.bytes_checked,
-            ),
-        }
-
-    def _forget(self, job: Job) -> dict[str, Any]:
-        from agent.actions.forget import run_forget
-
-        repo, cache, _ = self._open(job)
-        with cache.writer_lock():
-            outcome = run_forget(repo, job.retention, dry_run=False)
-        # Extra fields (receivers ignore what they do not know): what went, what it freed.
-        return {
-            "status": "success",
-            "forgotten": [record.id for record in outcome.forgotten],
-            "kept": len(outcome.kept),
-            "freed_bytes": outcome.freed_bytes,
-        }
-
-
 # -- the agent -----------------------------------------------------------------------------
 
 
 class Agent:
-    """One node's agent: `run()` blocks until `stop()` (or a signal, via the CLI)."""
+    """One node's agent: `run()` blocks until `stop()` (or a signal, via the CLI).
+
+    With `isolated_runs` each backup, restore test and forget runs in a child process
+    (agent.daemon_run.ChildRunner): `muster agent run` does so, to keep the daemon small
+    between runs; without it runs happen on the worker thread itself."""
 
     def __init__(
         self,
         settings: AgentSettings,
         clock: Callable[[], datetime] | None = None,
+        isolated_runs: bool = False,
     ) -> None:
         self.settings = settings
         self.node = settings.node
@@ -381,7 +162,15 @@ class Agent:
         )
         self.plans = PlanStore(self.state_dir, self.trusted, self.node)
         self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE)
-        self.runner = Runner(self)
+        context = RunContext(
+            node=self.node,
+            state_dir=self.state_dir,
+            identity=self.identity,
+            status_interval=settings.status_interval,
+            stopping=self.stopping,
+            emit=self.emit,
+        )
+        self.runner = ChildRunner(context) if isolated_runs else Runner(context)
         try:
             plan = self.plans.load()
         except PlanRejected as error:
@@ -431,6 +220,8 @@ class Agent:
                 "the running task did not reach a safe point within %s s; leaving it",
                 self.settings.stop_timeout,
             )
+            if isinstance(self.runner, ChildRunner):
+                self.runner.kill()  # the run's process must not outlive the agent
             for task in self.scheduler.running:
                 self._abandoned(task)
         self.closing.set()

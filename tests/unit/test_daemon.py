@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,8 @@ import pytest
 
 from agent import age
 from agent.context import default_node, load_plan
-from agent.daemon import Agent, Backoff, describe_error, ensure_identity
+from agent.daemon import Agent, Backoff, ensure_identity
+from agent.daemon_run import describe_error
 from agent.facts import (
     FactSources,
     cloud_facts,
@@ -720,7 +723,7 @@ def source(tmp_path: Path) -> Path:
     return root
 
 
-def make_agent(tmp_path: Path, signing, **settings) -> Agent:
+def make_agent(tmp_path: Path, signing, isolated_runs: bool = False, **settings) -> Agent:
     fields = {
         "node": NODE,
         "state_dir": tmp_path / "state",
@@ -731,7 +734,7 @@ def make_agent(tmp_path: Path, signing, **settings) -> Agent:
         "status_interval": 0,
         **settings,
     }
-    return Agent(AgentSettings(**fields))
+    return Agent(AgentSettings(**fields), isolated_runs=isolated_runs)
 
 
 def backup_plan(tmp_path: Path, source: Path, issued: datetime | None = None, **job) -> Plan:
@@ -1005,3 +1008,112 @@ def test_one_agent_per_state_dir(tmp_path, signing):
     finally:
         first.stop()
         first.shutdown()
+
+
+# -- runs in a child process (what `muster agent run` does) --------------------------------
+
+
+def wait_until(check, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_an_isolated_backup_reports_what_an_in_process_one_does(tmp_path, signing, source):
+    agent = make_agent(tmp_path, signing, isolated_runs=True)
+    hooks = {"pre": [{"command": "echo pre $MUSTER_JOB"}]}
+    plan = backup_plan(tmp_path, source, hooks=hooks, retention={"keep_last": 1})
+    agent.receive_plan(encode(sign_plan(plan, signing)))
+    agent._execute(Task("src", "backup", datetime.now(UTC)))
+    backup, forget = spooled(agent, RunResult)
+    assert (backup.kind, backup.status, forget.kind, forget.status) == (
+        "backup",
+        "success",
+        "forget",
+        "success",
+    )
+    assert backup.stats.files == 2 and backup.stats.bytes_read == 300_006
+    assert [h.output for h in backup.hooks] == ["pre src\n"]
+    assert snapshots(tmp_path) == [f"{backup.snapshot}.json"]
+    phases = [s.phase for s in spooled(agent, RunStatus) if s.run_id == backup.run_id]
+    assert phases[:2] == ["pre_hooks", "starting"]
+    agent._execute(Task("src", "verify", datetime.now(UTC)))
+    assert spooled(agent, RunResult)[-1].stats.files_checked == 2
+
+
+def test_a_stop_request_reaches_the_runs_process_at_a_safe_point(tmp_path, signing, source):
+    agent = make_agent(tmp_path, signing, isolated_runs=True)
+    hooks = {
+        "pre": [{"command": "sleep 30"}],
+        "post": [{"command": "echo post ran $MUSTER_STATUS"}],
+    }
+    agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source, hooks=hooks), signing)))
+    worker = threading.Thread(
+        target=agent._execute, args=(Task("src", "backup", datetime.now(UTC)),)
+    )
+    worker.start()
+    wait_until(lambda: spooled(agent, RunStatus))  # the child runs its pre hook
+    agent.stop()
+    worker.join(20)
+    assert not worker.is_alive()
+    (found,) = spooled(agent, RunResult)
+    assert found.status == "interrupted" and "nothing of it is visible" in found.error
+    assert found.hooks[-1].output == "post ran interrupted\n"
+    assert snapshots(tmp_path) == []
+
+
+def test_a_runs_process_that_dies_is_a_failed_run(tmp_path, signing, source):
+    agent = make_agent(tmp_path, signing, isolated_runs=True)
+    agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source), signing)))
+    (tmp_path / "state" / "identity.txt").unlink()  # the child cannot start its run
+    agent._execute(Task("src", "backup", datetime.now(UTC)))
+    (found,) = spooled(agent, RunResult)
+    assert found.status == "failure"
+    assert found.error == "the run's process exited with status 1 before its result"
+
+
+def test_a_runs_process_is_killed_when_the_agent_leaves_without_it(tmp_path, signing, source):
+    agent = make_agent(
+        tmp_path, signing, isolated_runs=True, broker_url="amqp://127.0.0.1:1/", stop_timeout=0.5
+    )
+    hooks = {"post": [{"command": "sleep 20"}]}  # post hooks run to their end, stop or not
+    agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source, hooks=hooks), signing)))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    wait_until(lambda: agent.runner._child is not None)
+    child = agent.runner._child
+    wait_until(lambda: any(s.phase == "starting" for s in spooled(agent, RunStatus)))
+    agent.stop()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert child.wait(5) == -9
+    (found,) = spooled(agent, RunResult)
+    assert (found.job, found.status) == ("src", "interrupted")
+
+
+def test_the_daemon_loads_no_backup_engine_storage_client_or_compression() -> None:
+    """The daemon's modules leave the engine to the runs' processes (agent.daemon_run):
+    importing them must not import it. Memory is not asserted, imports are."""
+    code = "import sys, agent.daemon_cli, agent.daemon_run\nprint('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "agent.daemon" in loaded and "kombu" in loaded  # the check sees imports
+    lazy = (
+        "agent.actions",
+        "agent.archive",
+        "agent.catalog",
+        "agent.context",
+        "agent.state",
+        "agent.storage",
+        "agent.volumes",
+        "agent.walk",
+        "boto3",
+        "botocore",
+        "requests",
+        "rich",
+        "swiftclient",
+        "urllib.request",
+        "zstandard",
+    )
+    assert sorted(m for m in loaded if m.startswith(lazy)) == []
