@@ -40,7 +40,7 @@ from kombu.exceptions import KombuError
 from kombu.message import Message as Delivery
 
 from agent import age
-from agent.daemon_run import IDENTITY_FILE, SCRATCH_DIR, ChildRunner, RunContext, Runner
+from agent.daemon_run import SCRATCH_DIR, ChildRunner, RunContext, Runner
 from agent.facts import FactSources, collect
 from agent.hooks import redact
 from agent.planstore import PlanRejected, PlanStore
@@ -67,8 +67,10 @@ from muster import __version__
 
 log = logging.getLogger(__name__)
 
+IDENTITY_FILE = "identity.txt"  # as agent.context.IDENTITY_FILE
 SPOOL_DIR = "spool"
 LOCK_FILE = "agent.lock"
+KILL_WAIT = 5.0  # seconds for the worker to report a run whose process was killed
 DRAIN_TIMEOUT = 0.5  # seconds the broker thread waits for a delivery before other chores
 PUBLISH_RETRY: dict[str, Any] = {"max_retries": 0}  # a failed publish means: reconnect
 
@@ -215,13 +217,18 @@ class Agent:
     def shutdown(self) -> int:
         worker, broker = self._threads
         worker.join(self.settings.stop_timeout)
+        if worker.is_alive() and isinstance(self.runner, ChildRunner):
+            log.error(
+                "the running task did not reach a safe point within %s s; killing its process",
+                self.settings.stop_timeout,
+            )
+            self.runner.kill()  # the worker then reports the run interrupted itself
+            worker.join(KILL_WAIT)
         if worker.is_alive():
             log.error(
                 "the running task did not reach a safe point within %s s; leaving it",
                 self.settings.stop_timeout,
             )
-            if isinstance(self.runner, ChildRunner):
-                self.runner.kill()  # the run's process must not outlive the agent
             for task in self.scheduler.running:
                 self._abandoned(task)
         self.closing.set()

@@ -1,13 +1,12 @@
 """The agent daemon's runs: one backup, restore test or forget, turned into a RunResult.
 
-`Runner` does a run in the calling process. `ChildRunner` does the same run in a child
-process (`python -m agent.daemon_run`) so that the daemon never loads the backup engine,
-the storage clients and compression, and its memory is back to idle the moment a run ends
-(a run's imports, buffers and heap fragmentation go away with the child). The child:
+`Runner` does a run in the calling process. `ChildRunner` does the same run in a forked
+child process so that the daemon never loads the backup engine, the storage clients and
+compression, and its memory is back to idle the moment a run ends (a run's imports,
+buffers and heap fragmentation go away with the child). The child:
 
-* reads its request (node, state dir, job, kind) as one JSON object on stdin;
-* writes every message it produces (run_status, then the RunResult) as one encoded line on
-  stdout; the daemon spools them, so the spool keeps one writer;
+* writes every message it produces (run_status, then the RunResult) as one encoded line
+  to a pipe; the daemon spools them, so the spool keeps one writer;
 * treats SIGTERM and SIGINT as the daemon's stop request: the run stops at its next safe
   point and reports `interrupted`, exactly as in-process.
 
@@ -16,11 +15,12 @@ Nothing in this module imports the engine at import time: `Runner` imports it pe
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import gc
 import logging
+import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,11 +41,9 @@ from muster import __version__
 
 log = logging.getLogger(__name__)
 
-IDENTITY_FILE = "identity.txt"  # as agent.context.IDENTITY_FILE
 SCRATCH_DIR = "scratch"
 MAX_WARNINGS = 100  # warnings carried by one result; the rest are counted
 MAX_ERROR = 2000
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as muster.cli's
 INTERRUPTED = (
     "the agent was stopped; the run ended before its snapshot record was written, so nothing "
     "of it is visible (the next backup removes its objects)"
@@ -286,27 +284,25 @@ class Runner:
 
 
 class ChildRunner:
-    """`Runner.run` in a child process; the daemon relays what the child emits."""
+    """`Runner.run` in a forked child process; the daemon relays what the child emits.
+
+    Forked, not spawned: the child starts at once with what the daemon already holds (the
+    contract models, the identity) and shares those pages with it, so daemon plus child
+    use about what one process running the backup did. The fork happens on the worker
+    thread; the child touches nothing of the broker thread's (no lock, no socket), writes
+    only to its pipe and leaves with os._exit."""
 
     def __init__(self, context: RunContext) -> None:
         self.context = context
-        self._child: subprocess.Popen[bytes] | None = None
+        self._child: int | None = None
 
     def run(self, task: Task, job: Job) -> RunResult:
         started = utcnow()
         context = self.context
-        request = {
-            "node": context.node,
-            "state_dir": str(context.state_dir),
-            "status_interval": context.status_interval,
-            "log_level": logging.getLogger().level,
-            "kind": task.kind,
-            "job": job.model_dump(mode="json"),
-        }
         try:
-            result, error = self._spawn(request)
-        except OSError as spawn_error:  # no process (or no pipe): the run did not happen
-            result, error = None, describe_error(spawn_error)
+            result, error = self._fork(task, job)
+        except OSError as fork_error:  # no process (or no pipe): the run did not happen
+            result, error = None, describe_error(fork_error)
         if result is not None:
             return result
         return RunResult(
@@ -320,30 +316,39 @@ class ChildRunner:
             error=error,
         )
 
-    def _spawn(self, request: dict[str, Any]) -> tuple[RunResult | None, str]:
+    def _fork(self, task: Task, job: Job) -> tuple[RunResult | None, str]:
         """Run the child to its end; its RunResult, or why there is none."""
-        with subprocess.Popen(
-            [sys.executable, "-m", "agent.daemon_run"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        ) as child:
-            self._child = child
-            done = threading.Event()
-            stopper = threading.Thread(target=self._stop_when_asked, args=(child, done))
-            stopper.start()
-            try:
-                child.stdin.write(json.dumps(request).encode())  # type: ignore[union-attr]
-                child.stdin.close()  # type: ignore[union-attr]
-                result = self._relay(child.stdout)  # type: ignore[arg-type]
-                status = child.wait()
-            finally:
-                done.set()
-                stopper.join()
-                self._child = None
-        return result, f"the run's process exited with status {status} before its result"
+        read_end, write_end = os.pipe()
+        gc.freeze()  # the child's collections then leave the shared objects (and pages) alone
+        try:
+            pid = os.fork()
+        except OSError:
+            gc.unfreeze()
+            os.close(read_end)
+            os.close(write_end)
+            raise
+        if pid == 0:  # the child
+            os.close(read_end)
+            os._exit(_child(self.context, task, job, write_end))
+        gc.unfreeze()
+        os.close(write_end)
+        self._child = pid
+        done = threading.Event()
+        stopper = threading.Thread(target=self._stop_when_asked, args=(pid, done))
+        stopper.start()
+        try:
+            with os.fdopen(read_end, "rb") as lines:
+                result = self._relay(lines)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            done.set()
+            stopper.join()
+            self._child = None
+        code = os.waitstatus_to_exitcode(status)
+        return result, f"the run's process exited with status {code} before its result"
 
     def _relay(self, lines: IO[bytes]) -> RunResult | None:
-        """Emit what the child sends until it closes its stdout; return its RunResult."""
+        """Emit what the child sends until it closes its pipe; return its RunResult."""
         result = None
         for line in lines:
             try:
@@ -357,52 +362,59 @@ class ChildRunner:
                 self.context.emit(message)
         return result
 
-    def _stop_when_asked(self, child: subprocess.Popen[bytes], done: threading.Event) -> None:
+    def _stop_when_asked(self, pid: int, done: threading.Event) -> None:
         """Pass the daemon's stop request on as SIGTERM: the child stops at a safe point."""
         while not done.is_set():
             if self.context.stopping.wait(0.2):
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
+                if not done.is_set():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
                 return
 
     def kill(self) -> None:
         """The daemon leaves without waiting for the run: its process must not outlive it."""
-        child = self._child
-        if child is not None and child.poll() is None:
-            child.kill()
+        if self._child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._child, signal.SIGKILL)
 
 
-def _child_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
-    """The child's side: one request in, the messages of one run out."""
-    request = json.loads(stdin.read())
-    logging.basicConfig(level=request["log_level"], format=LOG_FORMAT)
-    stopping = threading.Event()
+def _child(parent: RunContext, task: Task, job: Job, write_end: int) -> int:
+    """The forked child's side: run, send every message down the pipe. Returns the exit
+    status (never raises: the child must not unwind into the daemon's code)."""
+    try:
+        stopping = threading.Event()
+        if parent.stopping.is_set():
+            stopping.set()
 
-    def stop(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
+        def stop(_signum: int, _frame: FrameType | None) -> None:
+            stopping.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    lock = threading.Lock()  # verify and backups emit from worker threads too
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        _fresh_log_streams()
+        out = os.fdopen(write_end, "wb")
+        lock = threading.Lock()  # a backup's worker threads may report progress too
 
-    def emit(message: Message) -> None:
-        with lock:
-            stdout.write(encode(message) + b"\n")
-            stdout.flush()
+        def emit(message: Message) -> None:
+            with lock:
+                out.write(encode(message) + b"\n")
+                out.flush()
 
-    state_dir = Path(request["state_dir"])
-    context = RunContext(
-        node=request["node"],
-        state_dir=state_dir,
-        identity=age.load_identities(state_dir / IDENTITY_FILE)[0],
-        status_interval=request["status_interval"],
-        stopping=stopping,
-        emit=emit,
-    )
-    job = Job.model_validate(request["job"])
-    emit(Runner(context).run(Task(job.name, request["kind"]), job))
-    return 0
+        context = dataclasses.replace(parent, stopping=stopping, emit=emit)
+        emit(Runner(context).run(task, job))
+        out.close()
+        return 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.exception("the run's process failed")
+        return 1
 
 
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.stdin.buffer, sys.stdout.buffer))
+def _fresh_log_streams() -> None:
+    """Give the child's log handlers streams of their own: a thread of the daemon may have
+    been writing to the inherited ones at the fork, and their locks went with it."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and hasattr(handler.stream, "fileno"):
+            with contextlib.suppress(OSError, ValueError):
+                fd = os.dup(handler.stream.fileno())
+                handler.setStream(os.fdopen(fd, "w", buffering=1))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import age
+from agent import age, daemon_run
 from agent.context import default_node, load_plan
 from agent.daemon import Agent, Backoff, ensure_identity
 from agent.daemon_run import describe_error
@@ -1063,17 +1063,17 @@ def test_a_stop_request_reaches_the_runs_process_at_a_safe_point(tmp_path, signi
     assert snapshots(tmp_path) == []
 
 
-def test_a_runs_process_that_dies_is_a_failed_run(tmp_path, signing, source):
+def test_a_runs_process_that_dies_is_a_failed_run(tmp_path, signing, source, monkeypatch):
     agent = make_agent(tmp_path, signing, isolated_runs=True)
     agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source), signing)))
-    (tmp_path / "state" / "identity.txt").unlink()  # the child cannot start its run
+    monkeypatch.setattr(daemon_run.Runner, "run", lambda *_: os._exit(3))  # in the child
     agent._execute(Task("src", "backup", datetime.now(UTC)))
     (found,) = spooled(agent, RunResult)
     assert found.status == "failure"
-    assert found.error == "the run's process exited with status 1 before its result"
+    assert found.error == "the run's process exited with status 3 before its result"
 
 
-def test_a_runs_process_is_killed_when_the_agent_leaves_without_it(tmp_path, signing, source):
+def test_a_runs_process_is_killed_when_it_does_not_stop_in_time(tmp_path, signing, source):
     agent = make_agent(
         tmp_path, signing, isolated_runs=True, broker_url="amqp://127.0.0.1:1/", stop_timeout=0.5
     )
@@ -1087,9 +1087,12 @@ def test_a_runs_process_is_killed_when_the_agent_leaves_without_it(tmp_path, sig
     agent.stop()
     thread.join(15)
     assert not thread.is_alive()
-    assert child.wait(5) == -9
+    with pytest.raises(ProcessLookupError):  # killed, and reaped
+        os.kill(child, 0)
     (found,) = spooled(agent, RunResult)
     assert (found.job, found.status) == ("src", "interrupted")
+    assert found.error == "the run's process exited with status -9 before its result"
+    assert agent.scheduler.running == []
 
 
 def test_the_daemon_loads_no_backup_engine_storage_client_or_compression() -> None:
