@@ -39,8 +39,14 @@ from kombu import Connection, Consumer
 from kombu.exceptions import KombuError
 from kombu.message import Message as Delivery
 
-from agent import age
-from agent.daemon_run import SCRATCH_DIR, ChildRunner, RunContext, Runner
+from agent.daemon_run import (
+    SCRATCH_DIR,
+    ChildRunner,
+    RunContext,
+    Runner,
+    call_here,
+    call_in_child,
+)
 from agent.facts import FactSources, collect
 from agent.hooks import redact
 from agent.planstore import PlanRejected, PlanStore
@@ -60,7 +66,6 @@ from broker.messages import (
     SignedPlan,
     new_id,
 )
-from broker.signing import TrustedKeys
 from broker.topology import declare, plan_queue
 from broker.types import utcnow
 from muster import __version__
@@ -78,9 +83,11 @@ PUBLISH_RETRY: dict[str, Any] = {"max_retries": 0}  # a failed publish means: re
 # -- identity ------------------------------------------------------------------------------
 
 
-def ensure_identity(state_dir: Path) -> age.Identity:
+def ensure_identity(state_dir: Path) -> Any:
     """The node's age identity, generated on first start (mode 0600). Only its recipient
     ever leaves the node."""
+    from agent import age
+
     path = state_dir / IDENTITY_FILE
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -94,6 +101,25 @@ def ensure_identity(state_dir: Path) -> age.Identity:
                 identity.recipient,
             )
     return age.load_identities(path)[0]
+
+
+def node_recipient(state_dir: Path) -> str:
+    """The recipient the announce carries (the identity generated first if need be)."""
+    return str(ensure_identity(state_dir).recipient)
+
+
+def check_trusted_keys(paths: list[Path]) -> None:
+    """Refuse to start with a trusted key file that is not an Ed25519 public key."""
+    from broker.signing import TrustedKeys
+
+    TrustedKeys.from_files(paths)
+
+
+def verify_signed(signed: SignedPlan, key_files: list[Path], node: str) -> None:
+    """Raise SignatureError unless `signed` is signed by one of the keys and for `node`."""
+    from broker.signing import TrustedKeys, verify_plan
+
+    verify_plan(signed, TrustedKeys.from_files(key_files), node)
 
 
 class Backoff:
@@ -121,8 +147,9 @@ class Agent:
     """One node's agent: `run()` blocks until `stop()` (or a signal, via the CLI).
 
     With `isolated_runs` each backup, restore test and forget runs in a child process
-    (agent.daemon_run.ChildRunner): `muster agent run` does so, to keep the daemon small
-    between runs; without it runs happen on the worker thread itself."""
+    (agent.daemon_run.ChildRunner), and so does what needs cryptography (the identity, plan
+    signatures): `muster agent run` does so, to keep the daemon small; without it all of
+    it happens in this process (on the worker thread for runs)."""
 
     def __init__(
         self,
@@ -148,11 +175,12 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.scratch = self.state_dir / SCRATCH_DIR
         self.scratch.mkdir(mode=0o700, exist_ok=True)
-        self.identity = ensure_identity(self.state_dir)
+        self._call = call_in_child if isolated_runs else call_here
+        self.recipient = self._call(node_recipient, self.state_dir)
         missing = [str(p) for p in settings.trusted_keys if not Path(p).is_file()]
         if missing:
             raise InvalidMessage(f"trusted key file(s) not found: {', '.join(missing)}")
-        self.trusted = TrustedKeys.from_files(settings.trusted_keys)
+        self._call(check_trusted_keys, settings.trusted_keys)
         if not settings.trusted_keys:
             log.warning(
                 "no trusted_keys configured: every plan will be refused; pin the rule "
@@ -162,12 +190,12 @@ class Agent:
         self.spool = Spool(
             self.state_dir / SPOOL_DIR, settings.spool_max_files, settings.spool_max_bytes
         )
-        self.plans = PlanStore(self.state_dir, self.trusted, self.node)
+        self.plans = PlanStore(self.state_dir, self._verify)
         self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE)
         context = RunContext(
             node=self.node,
             state_dir=self.state_dir,
-            identity=self.identity,
+            identity_file=self.state_dir / IDENTITY_FILE,
             status_interval=settings.status_interval,
             stopping=self.stopping,
             emit=self.emit,
@@ -257,6 +285,9 @@ class Agent:
             self._facts_time = now
         return self._facts
 
+    def _verify(self, signed: SignedPlan) -> None:
+        self._call(verify_signed, signed, self.settings.trusted_keys, self.node)
+
     @property
     def plan_hash(self) -> str | None:
         plan = self.plans.plan
@@ -267,7 +298,7 @@ class Agent:
             node=self.node,
             facts=self.facts(),
             agent_version=__version__,
-            recipient=str(self.identity.recipient),
+            recipient=self.recipient,
             plan_hash=self.plan_hash,
         )
 

@@ -10,7 +10,9 @@ buffers and heap fragmentation go away with the child). The child:
 * treats SIGTERM and SIGINT as the daemon's stop request: the run stops at its next safe
   point and reports `interrupted`, exactly as in-process.
 
-Nothing in this module imports the engine at import time: `Runner` imports it per run.
+Nothing in this module imports the engine (nor cryptography) at import time: `Runner`
+imports it per run. `call_in_child` does the same for the daemon's other cryptography,
+the node identity and plan signatures, so that the daemon never loads it at all.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import gc
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -27,9 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from agent import age
 from agent.hooks import redact, run_hooks
 from agent.scheduler import Task
 from broker.codec import decode, encode
@@ -40,6 +42,7 @@ from broker.types import utcnow
 from muster import __version__
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCRATCH_DIR = "scratch"
 MAX_WARNINGS = 100  # warnings carried by one result; the rest are counted
@@ -60,7 +63,7 @@ class RunContext:
 
     node: str
     state_dir: Path
-    identity: age.Identity
+    identity_file: Path
     status_interval: float
     stopping: threading.Event
     emit: Callable[[Message], None]
@@ -72,6 +75,8 @@ class RunContext:
 
 def describe_error(error: BaseException) -> str:
     """One line for a result's `error`: what went wrong, never a secret, bounded."""
+    from agent import age  # cryptography: the daemon itself does without
+
     if isinstance(error, OSError) and error.strerror:
         where = f"{error.filename}: " if error.filename else ""
         text = f"{where}{error.strerror}"
@@ -135,6 +140,11 @@ class Runner:
     def __init__(self, context: RunContext) -> None:
         self.context = context
 
+    def _identity(self) -> Any:
+        from agent import age
+
+        return age.load_identities(self.context.identity_file)[0]
+
     def run(self, task: Task, job: Job) -> RunResult:
         started = utcnow()
         fields: dict[str, Any] = {
@@ -192,7 +202,7 @@ class Runner:
             if parent is not None:
                 progress.files_total, progress.bytes_total = parent.stats.files, parent.stats.bytes
             progress.send("starting")
-            outcome = run_backup(job, repo, context.identity, cache, __version__, progress)
+            outcome = run_backup(job, repo, self._identity(), cache, __version__, progress)
             record, stats = outcome.record, outcome.record.stats
             result.update(
                 status="warning" if outcome.warnings else "success",
@@ -235,7 +245,7 @@ class Runner:
         test = job.restore_test
         try:
             outcome = run_verify(
-                Archive(repo, [self.context.identity], cache),
+                Archive(repo, [self._identity()], cache),
                 self.context.state_dir,
                 sample=test.sample,
                 max_duration=test.max_duration,
@@ -418,3 +428,47 @@ def _fresh_log_streams() -> None:
             with contextlib.suppress(OSError, ValueError):
                 fd = os.dup(handler.stream.fileno())
                 handler.setStream(os.fdopen(fd, "w", buffering=1))
+
+
+# -- one call in a child process -----------------------------------------------------------
+
+
+class ChildFailed(RuntimeError):
+    """A child process ended without an answer."""
+
+
+def call_in_child(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a forked child: its return value, or its exception raised
+    here. For what needs a library the daemon should not keep loaded (cryptography: a
+    plan's signature, the node identity); costs a fork, a few milliseconds."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        status = 1
+        try:
+            os.close(read_end)
+            try:
+                answer = (True, function(*args))
+            except Exception as error:
+                answer = (False, error)
+            with os.fdopen(write_end, "wb") as out:
+                out.write(pickle.dumps(answer))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answers:
+        data = answers.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        code = os.waitstatus_to_exitcode(status)
+        raise ChildFailed(f"{function.__name__} ended with status {code} and no answer")
+    ok, value = pickle.loads(data)  # from our own fork: trusted
+    if ok:
+        return value
+    raise value
+
+
+def call_here(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in this process: what `call_in_child` does, without the fork."""
+    return function(*args)

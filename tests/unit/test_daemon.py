@@ -45,7 +45,7 @@ from broker.codec import decode, encode
 from broker.errors import InvalidMessage
 from broker.messages import Alert, Keepalive, RunResult, RunStatus, SignedPlan
 from broker.plan import Hook, Plan
-from broker.signing import TrustedKeys, generate_signing_key, public_pem, sign_plan
+from broker.signing import TrustedKeys, generate_signing_key, public_pem, sign_plan, verify_plan
 
 NODE = "web1"
 
@@ -446,7 +446,7 @@ def plan_for(
 
 def store(tmp_path: Path, signing) -> PlanStore:
     trusted = TrustedKeys([signing.public_key()])
-    return PlanStore(tmp_path / "state", trusted, NODE)
+    return PlanStore(tmp_path / "state", lambda signed: verify_plan(signed, trusted, NODE))
 
 
 def test_plan_store_keeps_the_signed_message_privately_and_reloads_it(tmp_path, signing):
@@ -508,7 +508,8 @@ def test_a_stored_plan_that_no_longer_verifies_is_not_run(tmp_path, signing):
     store(tmp_path, signing).offer(sign_plan(plan_for(), signing))
     other = generate_signing_key(tmp_path / "rotated.pem")
     with pytest.raises(PlanRejected, match="no longer verifies"):
-        PlanStore(tmp_path / "state", TrustedKeys([other.public_key()]), NODE).load()
+        rotated = TrustedKeys([other.public_key()])
+        PlanStore(tmp_path / "state", lambda signed: verify_plan(signed, rotated, NODE)).load()
     path = tmp_path / "state" / "plan.json"
     data = json.loads(path.read_text())
     data["plan"]["jobs"][0]["sources"]["paths"] = ["/"]
@@ -768,14 +769,15 @@ def snapshots(tmp_path: Path) -> list[str]:
 def test_announce_and_keepalive_carry_facts_and_only_the_public_key(tmp_path, signing):
     agent = make_agent(tmp_path, signing, labels={"tier": "web"})
     announce = agent.announce()
-    assert announce.recipient == str(agent.identity.recipient)
+    identity = ensure_identity(agent.state_dir)
+    assert announce.recipient == str(identity.recipient)
     assert announce.facts.labels == {"tier": "web"} and announce.plan_hash is None
     assert announce.agent_version
     keepalive = agent.keepalive()
     assert isinstance(keepalive, Keepalive)
     assert keepalive.facts == announce.facts
     assert (keepalive.interval, keepalive.running) == (20, [])
-    secret = str(agent.identity)
+    secret = str(identity)
     assert secret not in encode(announce).decode() and secret not in encode(keepalive).decode()
 
 
@@ -1095,9 +1097,10 @@ def test_a_runs_process_is_killed_when_it_does_not_stop_in_time(tmp_path, signin
     assert agent.scheduler.running == []
 
 
-def test_the_daemon_loads_no_backup_engine_storage_client_or_compression() -> None:
-    """The daemon's modules leave the engine to the runs' processes (agent.daemon_run):
-    importing them must not import it. Memory is not asserted, imports are."""
+def test_the_daemon_loads_no_engine_storage_client_compression_or_cryptography() -> None:
+    """The daemon's modules leave the engine and cryptography to child processes
+    (agent.daemon_run): importing them must not import those. Memory is not asserted,
+    imports are."""
     code = "import sys, agent.daemon_cli, agent.daemon_run\nprint('\\n'.join(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(done.stdout.split())
@@ -1111,8 +1114,11 @@ def test_the_daemon_loads_no_backup_engine_storage_client_or_compression() -> No
         "agent.storage",
         "agent.volumes",
         "agent.walk",
+        "agent.age",
         "boto3",
         "botocore",
+        "broker.signing",
+        "cryptography",
         "requests",
         "rich",
         "swiftclient",
@@ -1120,3 +1126,59 @@ def test_the_daemon_loads_no_backup_engine_storage_client_or_compression() -> No
         "zstandard",
     )
     assert sorted(m for m in loaded if m.startswith(lazy)) == []
+
+
+ISOLATED_AGENT = """
+import json, sys
+from pathlib import Path
+from agent.daemon import Agent
+from broker.agent_config import AgentSettings
+
+tmp = Path(sys.argv[1])
+settings = AgentSettings(
+    node="web1",
+    state_dir=tmp / "state",
+    trusted_keys=[tmp / "signing.pem.pub"],
+    metadata_url=None,
+    cloud_init_path=tmp / "none",
+    config_drive_path=tmp / "none",
+)
+agent = Agent(settings, isolated_runs=True)
+answers = [agent.receive_plan((tmp / name).read_bytes()) for name in sys.argv[2:]]
+again = Agent(settings, isolated_runs=True)
+loaded = ("cryptography", "agent.age", "broker.signing")
+print(json.dumps({
+    "recipient": agent.recipient,
+    "answers": answers,
+    "rejection": agent.last_rejection,
+    "stored": again.plan_hash,
+    "loaded": sorted(m for m in sys.modules if m.startswith(loaded)),
+}))
+"""
+
+
+def test_an_isolated_agent_verifies_plans_without_loading_cryptography(tmp_path, signing, source):
+    plan = backup_plan(tmp_path, source)
+    (tmp_path / "good.json").write_bytes(encode(sign_plan(plan, signing)))
+    forged = json.loads(encode(sign_plan(plan, signing)))
+    forged["plan"]["jobs"][0]["sources"]["paths"] = ["/"]
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    done = subprocess.run(
+        [sys.executable, "-c", ISOLATED_AGENT, str(tmp_path), "good.json", "forged.json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["answers"] == ["accepted", "rejected"]
+    assert "altered or forged" in found["rejection"]
+    assert found["stored"] == plan.content_hash()  # the stored plan verified on restart
+    assert found["recipient"] == str(ensure_identity(tmp_path / "state").recipient)
+    assert found["loaded"] == []
+
+
+def test_an_isolated_agent_refuses_to_start_with_a_bad_trusted_key(tmp_path, signing):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key")
+    with pytest.raises(ValueError):
+        make_agent(tmp_path, signing, isolated_runs=True, trusted_keys=[bad])
