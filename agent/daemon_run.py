@@ -328,26 +328,15 @@ class ChildRunner:
 
     def _fork(self, task: Task, job: Job) -> tuple[RunResult | None, str]:
         """Run the child to its end; its RunResult, or why there is none."""
-        read_end, write_end = os.pipe()
-        gc.freeze()  # the child's collections then leave the shared objects (and pages) alone
-        try:
-            pid = os.fork()
-        except OSError:
-            gc.unfreeze()
-            os.close(read_end)
-            os.close(write_end)
-            raise
+        pid, end = fork_with_pipe()
         if pid == 0:  # the child
-            os.close(read_end)
-            os._exit(_child(self.context, task, job, write_end))
-        gc.unfreeze()
-        os.close(write_end)
+            os._exit(_child(self.context, task, job, end))
         self._child = pid
         done = threading.Event()
         stopper = threading.Thread(target=self._stop_when_asked, args=(pid, done))
         stopper.start()
         try:
-            with os.fdopen(read_end, "rb") as lines:
+            with os.fdopen(end, "rb") as lines:
                 result = self._relay(lines)
             _, status = os.waitpid(pid, 0)
         finally:
@@ -393,14 +382,14 @@ def _child(parent: RunContext, task: Task, job: Job, write_end: int) -> int:
     status (never raises: the child must not unwind into the daemon's code)."""
     try:
         stopping = threading.Event()
-        if parent.stopping.is_set():
-            stopping.set()
 
         def stop(_signum: int, _frame: FrameType | None) -> None:
             stopping.set()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        if parent.stopping.is_set():  # asked before the handlers were ours
+            stopping.set()
         _fresh_log_streams()
         out = os.fdopen(write_end, "wb")
         lock = threading.Lock()  # a backup's worker threads may report progress too
@@ -433,6 +422,33 @@ def _fresh_log_streams() -> None:
 # -- one call in a child process -----------------------------------------------------------
 
 
+_FORKING = threading.Lock()
+
+
+def fork_with_pipe() -> tuple[int, int]:
+    """Fork with a pipe from the child to the daemon: (pid, read end) here, (0, write end)
+    in the child. One fork at a time (worker and broker thread both fork): a child forked
+    meanwhile would inherit the write end, and the reader would see no end of file until
+    that child exits. The daemon's objects are frozen for the fork: the child's garbage
+    collections then leave them, and the pages it shares with the daemon, alone."""
+    with _FORKING:
+        read_end, write_end = os.pipe()
+        gc.freeze()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            gc.unfreeze()
+            raise
+        if pid == 0:
+            os.close(read_end)
+            return 0, write_end
+        gc.unfreeze()
+        os.close(write_end)
+        return pid, read_end
+
+
 class ChildFailed(RuntimeError):
     """A child process ended without an answer."""
 
@@ -441,23 +457,20 @@ def call_in_child(function: Callable[..., T], *args: Any) -> T:
     """`function(*args)` in a forked child: its return value, or its exception raised
     here. For what needs a library the daemon should not keep loaded (cryptography: a
     plan's signature, the node identity); costs a fork, a few milliseconds."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
+    pid, end = fork_with_pipe()
     if pid == 0:  # the child
         status = 1
         try:
-            os.close(read_end)
             try:
                 answer = (True, function(*args))
             except Exception as error:
                 answer = (False, error)
-            with os.fdopen(write_end, "wb") as out:
+            with os.fdopen(end, "wb") as out:
                 out.write(pickle.dumps(answer))
             status = 0
         finally:
             os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as answers:
+    with os.fdopen(end, "rb") as answers:
         data = answers.read()
     _, status = os.waitpid(pid, 0)
     if not data:
