@@ -18,6 +18,12 @@ Three threads, each with one job:
 Plans are verified before they are stored (`agent.planstore`); on start the stored plan is
 verified again and run at once, broker or not. Results and alerts go through the spool
 (`agent.spool`), so a broker outage delays them and loses none.
+
+Memory: `muster agent run` does each run, and each use of cryptography (the identity, plan
+signatures), in a forked child process (`agent.daemon_run`). The daemon itself holds only
+kombu, the contract models and its settings, stays at the same size before and after runs,
+and never imports the backup engine, storage clients, zstd or cryptography
+(tests/unit/test_daemon.py checks the imports).
 """
 
 from __future__ import annotations
