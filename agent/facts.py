@@ -289,7 +289,7 @@ def cloud_facts(sources: FactSources) -> CloudFacts:
 
 def metadata_service(url: str, timeout: float) -> CloudFacts:
     """The metadata service, once, with a short timeout; off-cloud this simply fails."""
-    import urllib.request  # only on clouds (or when configured): http, email, ssl parsing
+    import urllib.request  # with http.client and email: only where a metadata URL is set
 
     # An explicit empty proxy map: the link-local service must never go through a proxy.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
