@@ -18,6 +18,12 @@ Three threads, each with one job:
 Plans are verified before they are stored (`agent.planstore`); on start the stored plan is
 verified again and run at once, broker or not. Results and alerts go through the spool
 (`agent.spool`), so a broker outage delays them and loses none.
+
+Memory: `muster agent run` does each run, and each use of cryptography (the identity, plan
+signatures), in a forked child process (`agent.daemon_run`). The daemon itself holds only
+kombu, the contract models and its settings, stays at the same size before and after runs,
+and never imports the backup engine, storage clients, zstd or cryptography
+(tests/unit/test_daemon.py checks the imports).
 """
 
 from __future__ import annotations
@@ -39,16 +45,23 @@ from kombu import Connection, Consumer
 from kombu.exceptions import KombuError
 from kombu.message import Message as Delivery
 
-from agent import age
+from agent.daemon_run import (
+    SCRATCH_DIR,
+    ChildRunner,
+    RunContext,
+    Runner,
+    call_here,
+    call_in_child,
+)
 from agent.facts import FactSources, collect
-from agent.hooks import redact, run_hooks
+from agent.hooks import redact
 from agent.planstore import PlanRejected, PlanStore
 from agent.scheduler import STATE_FILE, Scheduler, Task
 from agent.spool import Spool
 from broker.agent_config import AgentSettings
 from broker.codec import decode
 from broker.connection import Publisher, body_bytes, connect
-from broker.errors import ContractError, InvalidMessage
+from broker.errors import InvalidMessage
 from broker.messages import (
     Alert,
     Announce,
@@ -56,13 +69,9 @@ from broker.messages import (
     Keepalive,
     Message,
     RunResult,
-    RunStats,
-    RunStatus,
     SignedPlan,
     new_id,
 )
-from broker.plan import Job
-from broker.signing import TrustedKeys
 from broker.topology import declare, plan_queue
 from broker.types import utcnow
 from muster import __version__
@@ -71,28 +80,20 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.txt"  # as agent.context.IDENTITY_FILE
 SPOOL_DIR = "spool"
-SCRATCH_DIR = "scratch"
 LOCK_FILE = "agent.lock"
-MAX_WARNINGS = 100  # warnings carried by one result; the rest are counted
-MAX_ERROR = 2000
+KILL_WAIT = 5.0  # seconds for the worker to report a run whose process was killed
 DRAIN_TIMEOUT = 0.5  # seconds the broker thread waits for a delivery before other chores
 PUBLISH_RETRY: dict[str, Any] = {"max_retries": 0}  # a failed publish means: reconnect
-INTERRUPTED = (
-    "the agent was stopped; the run ended before its snapshot record was written, so nothing "
-    "of it is visible (the next backup removes its objects)"
-)
-
-
-class Interrupted(Exception):
-    """Raised from a backup's progress callback when the agent is told to stop."""
 
 
 # -- identity ------------------------------------------------------------------------------
 
 
-def ensure_identity(state_dir: Path) -> age.Identity:
+def ensure_identity(state_dir: Path) -> Any:
     """The node's age identity, generated on first start (mode 0600). Only its recipient
     ever leaves the node."""
+    from agent import age
+
     path = state_dir / IDENTITY_FILE
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -108,26 +109,23 @@ def ensure_identity(state_dir: Path) -> age.Identity:
     return age.load_identities(path)[0]
 
 
-def describe_error(error: BaseException) -> str:
-    """One line for a result's `error`: what went wrong, never a secret, bounded."""
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        text = f"{where}{error.strerror}"
-    elif isinstance(error, ContractError | age.AgeError) or type(error).__module__.startswith(
-        "agent.storage"
-    ):
-        text = str(error)
-    else:
-        text = f"{type(error).__name__}: {error}"
-    text = redact(text)
-    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
+def node_recipient(state_dir: Path) -> str:
+    """The recipient the announce carries (the identity generated first if need be)."""
+    return str(ensure_identity(state_dir).recipient)
 
 
-def bounded_warnings(warnings: list[str]) -> list[str]:
-    kept = [redact(w)[:1000] for w in warnings[:MAX_WARNINGS]]
-    if len(warnings) > MAX_WARNINGS:
-        kept.append(f"... and {len(warnings) - MAX_WARNINGS} more warnings")
-    return kept
+def check_trusted_keys(paths: list[Path]) -> None:
+    """Refuse to start with a trusted key file that is not an Ed25519 public key."""
+    from broker.signing import TrustedKeys
+
+    TrustedKeys.from_files(paths)
+
+
+def verify_signed(signed: SignedPlan, key_files: list[Path], node: str) -> None:
+    """Raise SignatureError unless `signed` is signed by one of the keys and for `node`."""
+    from broker.signing import TrustedKeys, verify_plan
+
+    verify_plan(signed, TrustedKeys.from_files(key_files), node)
 
 
 class Backoff:
@@ -148,204 +146,22 @@ class Backoff:
         return delay * random.uniform(0.8, 1.2)
 
 
-# -- runs ----------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A backup's progress callback: spools a throttled run_status, raises on stop."""
-
-    def __init__(self, agent: Agent, job: str, run_id: str, kind: str, totals: tuple) -> None:
-        self.agent = agent
-        self.job = job
-        self.run_id = run_id
-        self.kind = kind
-        self.files_total, self.bytes_total = totals
-        self._sent = 0.0
-
-    def __call__(self, files: int, bytes_done: int) -> None:
-        if self.agent.stopping.is_set():
-            raise Interrupted()
-        now = time.monotonic()
-        if now - self._sent >= self.agent.settings.status_interval:
-            self._sent = now
-            self.send("running", files, bytes_done)
-
-    def send(self, phase: str, files: int = 0, bytes_done: int = 0) -> None:
-        self.agent.emit(
-            RunStatus(
-                node=self.agent.node,
-                job=self.job,
-                run_id=self.run_id,
-                kind=self.kind,  # type: ignore[arg-type]
-                phase=phase,
-                files_done=files,
-                bytes_done=bytes_done,
-                files_total=self.files_total,
-                bytes_total=self.bytes_total,
-            )
-        )
-
-
-class Runner:
-    """Turns one scheduled task into a RunResult (and the run_status messages before it)."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    def run(self, task: Task, job: Job) -> RunResult:
-        started = utcnow()
-        fields: dict[str, Any] = {
-            "node": self.agent.node,
-            "job": job.name,
-            "run_id": new_id(),
-            "kind": task.kind,
-            "started": started,
-        }
-        try:
-            if task.kind == "backup":
-                outcome = self._backup(job, fields["run_id"])
-            elif task.kind == "verify":
-                outcome = self._verify(job)
-            else:
-                outcome = self._forget(job)
-        except Interrupted:
-            outcome = {"status": "interrupted", "error": INTERRUPTED}
-        except Exception as error:
-            log.exception("%s of job %s failed", task.kind, job.name)
-            outcome = {"status": "failure", "error": describe_error(error)}
-        return RunResult(**fields, finished=utcnow(), **outcome)
-
-    def _open(self, job: Job) -> tuple[Any, Any, str]:
-        from agent.context import repository_key
-        from agent.repository import Repository
-        from agent.state import CatalogCache
-        from agent.storage import open_storage
-
-        key = repository_key(job.storage, self.agent.node, job.name)
-        repo = Repository(open_storage(job.storage), self.agent.node, job.name)
-        return repo, CatalogCache(self.agent.state_dir, key), key
-
-    def _backup(self, job: Job, run_id: str) -> dict[str, Any]:
-        from agent.actions.backup import run_backup
-        from agent.actions.snapshots import latest
-
-        agent = self.agent
-        env = {"MUSTER_NODE": agent.node, "MUSTER_JOB": job.name, "MUSTER_RUN_ID": run_id}
-        progress = _Progress(agent, job.name, run_id, "backup", (None, None))
-        result: dict[str, Any] = {"status": "failure", "warnings": [], "hooks": []}
-        try:
-            if job.hooks.pre:
-                progress.send("pre_hooks")
-            pre, failure = run_hooks(job.hooks.pre, {**env, "MUSTER_HOOK": "pre"}, agent.stopping)
-            result["hooks"] += pre
-            if agent.stopping.is_set():
-                raise Interrupted()
-            if failure is not None:
-                result["error"] = f"pre {failure}: the backup did not run"
-                return result
-            repo, cache, _ = self._open(job)
-            parent = latest(repo)
-            if parent is not None:
-                progress.files_total, progress.bytes_total = parent.stats.files, parent.stats.bytes
-            progress.send("starting")
-            outcome = run_backup(job, repo, agent.identity, cache, __version__, progress)
-            record, stats = outcome.record, outcome.record.stats
-            result.update(
-                status="warning" if outcome.warnings else "success",
-                snapshot=record.id,
-                full=record.full,
-                warnings=bounded_warnings(outcome.warnings),
-                stats=RunStats(
-                    files=stats.files,
-                    files_new=stats.files_new,
-                    files_changed=stats.files_changed,
-                    files_unchanged=stats.files_unchanged,
-                    bytes_read=stats.bytes_new,
-                    bytes_stored=stats.bytes_stored,
-                    volumes=len(record.volumes),
-                ),
-            )
-            return result
-        except Interrupted:
-            result.update(status="interrupted", error=INTERRUPTED)
-            return result
-        except Exception as error:
-            log.exception("backup of job %s failed", job.name)
-            result.update(status="failure", error=describe_error(error))
-            return result
-        finally:
-            # Post hooks run whatever happened (they undo what pre hooks did), to their end.
-            post_env = {**env, "MUSTER_HOOK": "post", "MUSTER_STATUS": result["status"]}
-            post, post_failure = run_hooks(job.hooks.post, post_env, stop_on_failure=False)
-            result["hooks"] += post
-            if post_failure is not None:
-                result["warnings"].append(f"post {post_failure}")
-                if result["status"] == "success":
-                    result["status"] = "warning"
-
-    def _verify(self, job: Job) -> dict[str, Any]:
-        from agent.actions.verify import run_verify
-        from agent.archive import Archive, NoSnapshot
-
-        repo, cache, key = self._open(job)
-        test = job.restore_test
-        try:
-            outcome = run_verify(
-                Archive(repo, [self.agent.identity], cache),
-                self.agent.state_dir,
-                sample=test.sample,
-                max_duration=test.max_duration,
-                repository_key=key,
-                scratch=self.agent.scratch,
-            )
-        except NoSnapshot as error:
-            return {"status": "failure", "error": f"nothing to test: {error}"}
-        warnings = []
-        if outcome.stopped:
-            warnings.append(
-                f"stopped after max_duration {test.max_duration} s with "
-                f"{len(outcome.volumes_tested)} volumes tested"
-            )
-        status = "failure" if not outcome.ok else "warning" if warnings else "success"
-        return {
-            "status": status,
-            "snapshot": outcome.snapshot,
-            "warnings": warnings,
-            "error": redact("; ".join(outcome.failures))[:MAX_ERROR] or None,
-            "stats": RunStats(
-                files_checked=outcome.files_checked,
-                files_failed=outcome.files_failed,
-                volumes_tested=len(outcome.volumes_tested),
-                coverage=round(outcome.coverage, 4),
-                bytes_read=outcome.bytes_checked,
-            ),
-        }
-
-    def _forget(self, job: Job) -> dict[str, Any]:
-        from agent.actions.forget import run_forget
-
-        repo, cache, _ = self._open(job)
-        with cache.writer_lock():
-            outcome = run_forget(repo, job.retention, dry_run=False)
-        # Extra fields (receivers ignore what they do not know): what went, what it freed.
-        return {
-            "status": "success",
-            "forgotten": [record.id for record in outcome.forgotten],
-            "kept": len(outcome.kept),
-            "freed_bytes": outcome.freed_bytes,
-        }
-
-
 # -- the agent -----------------------------------------------------------------------------
 
 
 class Agent:
-    """One node's agent: `run()` blocks until `stop()` (or a signal, via the CLI)."""
+    """One node's agent: `run()` blocks until `stop()` (or a signal, via the CLI).
+
+    With `isolated_runs` each backup, restore test and forget runs in a child process
+    (agent.daemon_run.ChildRunner), and so does what needs cryptography (the identity, plan
+    signatures): `muster agent run` does so, to keep the daemon small; without it all of
+    it happens in this process (on the worker thread for runs)."""
 
     def __init__(
         self,
         settings: AgentSettings,
         clock: Callable[[], datetime] | None = None,
+        isolated_runs: bool = False,
     ) -> None:
         self.settings = settings
         self.node = settings.node
@@ -365,11 +181,12 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.scratch = self.state_dir / SCRATCH_DIR
         self.scratch.mkdir(mode=0o700, exist_ok=True)
-        self.identity = ensure_identity(self.state_dir)
+        self._call = call_in_child if isolated_runs else call_here
+        self.recipient = self._call(node_recipient, self.state_dir)
         missing = [str(p) for p in settings.trusted_keys if not Path(p).is_file()]
         if missing:
             raise InvalidMessage(f"trusted key file(s) not found: {', '.join(missing)}")
-        self.trusted = TrustedKeys.from_files(settings.trusted_keys)
+        self._call(check_trusted_keys, settings.trusted_keys)
         if not settings.trusted_keys:
             log.warning(
                 "no trusted_keys configured: every plan will be refused; pin the rule "
@@ -379,9 +196,17 @@ class Agent:
         self.spool = Spool(
             self.state_dir / SPOOL_DIR, settings.spool_max_files, settings.spool_max_bytes
         )
-        self.plans = PlanStore(self.state_dir, self.trusted, self.node)
+        self.plans = PlanStore(self.state_dir, self._verify)
         self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE)
-        self.runner = Runner(self)
+        context = RunContext(
+            node=self.node,
+            state_dir=self.state_dir,
+            identity_file=self.state_dir / IDENTITY_FILE,
+            status_interval=settings.status_interval,
+            stopping=self.stopping,
+            emit=self.emit,
+        )
+        self.runner = ChildRunner(context) if isolated_runs else Runner(context)
         try:
             plan = self.plans.load()
         except PlanRejected as error:
@@ -426,6 +251,13 @@ class Agent:
     def shutdown(self) -> int:
         worker, broker = self._threads
         worker.join(self.settings.stop_timeout)
+        if worker.is_alive() and isinstance(self.runner, ChildRunner):
+            log.error(
+                "the running task did not reach a safe point within %s s; killing its process",
+                self.settings.stop_timeout,
+            )
+            self.runner.kill()  # the worker then reports the run interrupted itself
+            worker.join(KILL_WAIT)
         if worker.is_alive():
             log.error(
                 "the running task did not reach a safe point within %s s; leaving it",
@@ -459,6 +291,9 @@ class Agent:
             self._facts_time = now
         return self._facts
 
+    def _verify(self, signed: SignedPlan) -> None:
+        self._call(verify_signed, signed, self.settings.trusted_keys, self.node)
+
     @property
     def plan_hash(self) -> str | None:
         plan = self.plans.plan
@@ -469,7 +304,7 @@ class Agent:
             node=self.node,
             facts=self.facts(),
             agent_version=__version__,
-            recipient=str(self.identity.recipient),
+            recipient=self.recipient,
             plan_hash=self.plan_hash,
         )
 

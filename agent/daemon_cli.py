@@ -95,7 +95,7 @@ def run_command(
         metadata_url=metadata_url,
     )
     try:
-        agent = Agent(settings)
+        agent = Agent(settings, isolated_runs=True)
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         raise click.ClickException(f"{where}{error.strerror or error}") from None

@@ -25,7 +25,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +289,8 @@ def cloud_facts(sources: FactSources) -> CloudFacts:
 
 def metadata_service(url: str, timeout: float) -> CloudFacts:
     """The metadata service, once, with a short timeout; off-cloud this simply fails."""
+    import urllib.request  # with http.client and email: only where a metadata URL is set
+
     # An explicit empty proxy map: the link-local service must never go through a proxy.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:

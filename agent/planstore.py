@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from broker.errors import ContractError, SignatureError
 from broker.messages import SignedPlan
 from broker.plan import Plan
-from broker.signing import TrustedKeys, verify_plan
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,13 @@ class PlanRejected(ContractError):
 
 
 class PlanStore:
-    def __init__(self, state_dir: Path, trusted: TrustedKeys, node: str) -> None:
+    """`verify` raises SignatureError unless a plan is signed by a trusted key and meant for
+    this node (broker.signing.verify_plan, which the daemon calls in a child process so
+    that it never loads cryptography itself)."""
+
+    def __init__(self, state_dir: Path, verify: Callable[[SignedPlan], object]) -> None:
         self.path = state_dir / PLAN_FILE
-        self.trusted = trusted
-        self.node = node
+        self.verify = verify
         self.current: SignedPlan | None = None
 
     @property
@@ -54,19 +57,20 @@ class PlanStore:
             raise PlanRejected(f"stored plan {self.path} is unreadable: {error}") from None
         try:
             signed = SignedPlan.model_validate(data)
-            plan = verify_plan(signed, self.trusted, self.node)
+            self.verify(signed)
         except (ContractError, ValueError) as error:
             raise PlanRejected(f"stored plan {self.path} no longer verifies: {error}") from None
         self.current = signed
-        return plan
+        return signed.plan
 
     def offer(self, signed: SignedPlan) -> bool:
         """Verify a received plan and store it. Returns whether its content differs from
         the plan held before; raises PlanRejected with the reason when it is refused."""
         try:
-            plan = verify_plan(signed, self.trusted, self.node)
+            self.verify(signed)
         except SignatureError as error:
             raise PlanRejected(str(error)) from None
+        plan = signed.plan
         held = self.current
         if held is not None and plan.issued < held.plan.issued:
             raise PlanRejected(

@@ -7,16 +7,19 @@ Against the real RabbitMQ from tests/services (started here in a private state d
 and stopped at the end, or the one named by MUSTER_TEST_AMQP_URL, left running), one real
 `muster ruleengine run` and real `muster agent run` daemons (each with its own state
 directory and node id, `trusted_keys` pinned, the metadata service disabled). VmRSS of
-the agent is read from /proc every 0.2 s.
+the agent, and of its children, is read from /proc every 0.2 s: the daemon runs each
+backup in a forked child process (agent.daemon_run).
 
 - idle: the agent gets a plan whose one job runs at 02:15 (not during the measurement),
   stores it, then sits connected to the broker sending keepalives; RSS after `--idle` s;
 - backup: a fresh agent gets a plan whose job runs every 60 s (splay 0, restore tests
-  off) over a dataset into a local-directory target; it runs at the next minute. Peak
-  RSS (the max of the samples, and VmHWM) from start until the snapshot record is
-  written. Datasets: `bench/dataset.py` at `--scale` (1.0 is about 1 GiB), and `--small`
-  trees of that many small files (0 to 2 KiB, 100 per directory), to see whether memory
-  grows with the number of files.
+  off) over a dataset into a local-directory target; it runs at the next minute. From
+  start until the snapshot record is written: the daemon's peak RSS (samples and VmHWM),
+  the run process's VmHWM, and the peak PSS of daemon plus children (a forked run shares
+  pages with the daemon: the sum of their RSS would count those twice); then the daemon's RSS
+  `AFTER_RUN` s later, idle again after its first run. Datasets: `bench/dataset.py` at
+  `--scale` (1.0 is about 1 GiB), and `--small` trees of that many small files (0 to
+  2 KiB, 100 per directory), to see whether memory grows with the number of files.
 
 Everything lives under `--work` (default /dev/shm when it has room: on this machine's
 virtual disk I/O timings vary 10x) and is removed at the end.
@@ -59,6 +62,7 @@ rules:
 """
 IDLE_SCHEDULE = '{cron: "15 2 * * *", splay: 0}'
 BACKUP_SCHEDULE = "{every: 60, splay: 0}"
+AFTER_RUN = 10  # seconds after the snapshot record until the daemon's RSS is read again
 
 
 def small_tree(root: Path, count: int, seed: int = 7) -> int:
@@ -75,13 +79,36 @@ def small_tree(root: Path, count: int, seed: int = 7) -> int:
     return total
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of a process, whichever of its threads started them (the
+    agent's worker thread starts the run processes)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def pss(pid: int) -> int:
+    """Proportional set size in bytes: shared pages divided among their sharers."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Watch:
-    """VmRSS of one process every 0.2 s, on a thread."""
+    """VmRSS of one process and of its children (the agent's runs) every 0.2 s, on a
+    thread. `samples` are the daemon's own VmRSS, `totals` the PSS of daemon plus
+    children: a forked run shares pages with the daemon, which RSS would count twice."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.samples: list[tuple[float, int]] = []
+        self.totals: list[int] = []
         self.hwm = 0
+        self.child_hwm = 0  # the largest VmHWM seen of any one child
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -91,7 +118,12 @@ class Watch:
         while not self._stop.is_set():
             status = proc_status(self.pid)
             if status["VmRSS"]:
+                total = pss(self.pid)
+                for child in children(self.pid):
+                    total += pss(child)
+                    self.child_hwm = max(self.child_hwm, proc_status(child)["VmHWM"])
                 self.samples.append((time.monotonic() - started, status["VmRSS"]))
+                self.totals.append(total)
                 self.hwm = max(self.hwm, status["VmHWM"])
             self._stop.wait(0.2)
 
@@ -209,7 +241,8 @@ class Bench:
         try:
             self.wait_for("a snapshot", lambda: any(snapshots.glob("*.json")), 400, agent)
             finished = watch.samples[-1][0] if watch.samples else 0.0
-            time.sleep(1)
+            time.sleep(AFTER_RUN)  # the run's process reports and exits, retention runs
+            after = proc_status(agent.pid)["VmRSS"]
         finally:
             watch.stop()
             self.stop(agent)
@@ -222,8 +255,11 @@ class Bench:
             "bytes": size,
             "snapshot_after_s": round(finished, 1),
             "rss_before_mib": mib(max(before, default=0)),
-            "peak_mib": mib(watch.peak),
-            "hwm_mib": mib(watch.hwm),
+            "daemon_peak_mib": mib(watch.peak),
+            "daemon_hwm_mib": mib(watch.hwm),
+            "run_hwm_mib": mib(watch.child_hwm),
+            "total_pss_peak_mib": mib(max(watch.totals, default=0)),
+            "daemon_after_mib": mib(after),
             "load": load,
             "load_after": loadavg(),
         }

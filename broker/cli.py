@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from broker.config import MusterSettings
 from broker.connection import QUEUE_HEADER, REASON_HEADER, body_bytes, connect
-from broker.signing import generate_signing_key, key_id, public_pem
 from broker.topology import DEAD_QUEUE, declare
+
+# rich (tables) and broker.signing (cryptography) are imported by the commands that use
+# them: the agent daemon imports `settings_options` from here and must stay small.
 
 
 def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,6 +65,9 @@ def dead_letters_command(
         for letter in letters:
             click.echo(json.dumps(letter, ensure_ascii=False))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("queue", "routing key", "reason", "body")
     for letter in letters:
         table.add_row(letter["queue"], letter["routing_key"], letter["reason"], letter["body"])
@@ -100,6 +103,8 @@ def keys_group() -> None:
 def generate_signing_key_command(path: Path) -> None:
     """Write an Ed25519 plan-signing key to PATH (mode 0600) and its public half to
     PATH.pub, the file every agent pins."""
+    from broker.signing import generate_signing_key, key_id, public_pem
+
     if path.exists():
         raise click.ClickException(f"{path} exists; refusing to overwrite a signing key")
     key = generate_signing_key(path)

@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import age
+from agent import age, daemon_run
 from agent.context import default_node, load_plan
-from agent.daemon import Agent, Backoff, describe_error, ensure_identity
+from agent.daemon import Agent, Backoff, ensure_identity
+from agent.daemon_run import describe_error
 from agent.facts import (
     FactSources,
     cloud_facts,
@@ -42,7 +45,7 @@ from broker.codec import decode, encode
 from broker.errors import InvalidMessage
 from broker.messages import Alert, Keepalive, RunResult, RunStatus, SignedPlan
 from broker.plan import Hook, Plan
-from broker.signing import TrustedKeys, generate_signing_key, public_pem, sign_plan
+from broker.signing import TrustedKeys, generate_signing_key, public_pem, sign_plan, verify_plan
 
 NODE = "web1"
 
@@ -443,7 +446,7 @@ def plan_for(
 
 def store(tmp_path: Path, signing) -> PlanStore:
     trusted = TrustedKeys([signing.public_key()])
-    return PlanStore(tmp_path / "state", trusted, NODE)
+    return PlanStore(tmp_path / "state", lambda signed: verify_plan(signed, trusted, NODE))
 
 
 def test_plan_store_keeps_the_signed_message_privately_and_reloads_it(tmp_path, signing):
@@ -505,7 +508,8 @@ def test_a_stored_plan_that_no_longer_verifies_is_not_run(tmp_path, signing):
     store(tmp_path, signing).offer(sign_plan(plan_for(), signing))
     other = generate_signing_key(tmp_path / "rotated.pem")
     with pytest.raises(PlanRejected, match="no longer verifies"):
-        PlanStore(tmp_path / "state", TrustedKeys([other.public_key()]), NODE).load()
+        rotated = TrustedKeys([other.public_key()])
+        PlanStore(tmp_path / "state", lambda signed: verify_plan(signed, rotated, NODE)).load()
     path = tmp_path / "state" / "plan.json"
     data = json.loads(path.read_text())
     data["plan"]["jobs"][0]["sources"]["paths"] = ["/"]
@@ -720,7 +724,7 @@ def source(tmp_path: Path) -> Path:
     return root
 
 
-def make_agent(tmp_path: Path, signing, **settings) -> Agent:
+def make_agent(tmp_path: Path, signing, isolated_runs: bool = False, **settings) -> Agent:
     fields = {
         "node": NODE,
         "state_dir": tmp_path / "state",
@@ -731,7 +735,7 @@ def make_agent(tmp_path: Path, signing, **settings) -> Agent:
         "status_interval": 0,
         **settings,
     }
-    return Agent(AgentSettings(**fields))
+    return Agent(AgentSettings(**fields), isolated_runs=isolated_runs)
 
 
 def backup_plan(tmp_path: Path, source: Path, issued: datetime | None = None, **job) -> Plan:
@@ -765,14 +769,15 @@ def snapshots(tmp_path: Path) -> list[str]:
 def test_announce_and_keepalive_carry_facts_and_only_the_public_key(tmp_path, signing):
     agent = make_agent(tmp_path, signing, labels={"tier": "web"})
     announce = agent.announce()
-    assert announce.recipient == str(agent.identity.recipient)
+    identity = ensure_identity(agent.state_dir)
+    assert announce.recipient == str(identity.recipient)
     assert announce.facts.labels == {"tier": "web"} and announce.plan_hash is None
     assert announce.agent_version
     keepalive = agent.keepalive()
     assert isinstance(keepalive, Keepalive)
     assert keepalive.facts == announce.facts
     assert (keepalive.interval, keepalive.running) == (20, [])
-    secret = str(agent.identity)
+    secret = str(identity)
     assert secret not in encode(announce).decode() and secret not in encode(keepalive).decode()
 
 
@@ -1005,3 +1010,175 @@ def test_one_agent_per_state_dir(tmp_path, signing):
     finally:
         first.stop()
         first.shutdown()
+
+
+# -- runs in a child process (what `muster agent run` does) --------------------------------
+
+
+def wait_until(check, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_an_isolated_backup_reports_what_an_in_process_one_does(tmp_path, signing, source):
+    agent = make_agent(tmp_path, signing, isolated_runs=True)
+    hooks = {"pre": [{"command": "echo pre $MUSTER_JOB"}]}
+    plan = backup_plan(tmp_path, source, hooks=hooks, retention={"keep_last": 1})
+    agent.receive_plan(encode(sign_plan(plan, signing)))
+    agent._execute(Task("src", "backup", datetime.now(UTC)))
+    backup, forget = spooled(agent, RunResult)
+    assert (backup.kind, backup.status, forget.kind, forget.status) == (
+        "backup",
+        "success",
+        "forget",
+        "success",
+    )
+    assert backup.stats.files == 2 and backup.stats.bytes_read == 300_006
+    assert [h.output for h in backup.hooks] == ["pre src\n"]
+    assert snapshots(tmp_path) == [f"{backup.snapshot}.json"]
+    phases = [s.phase for s in spooled(agent, RunStatus) if s.run_id == backup.run_id]
+    assert phases[:2] == ["pre_hooks", "starting"]
+    agent._execute(Task("src", "verify", datetime.now(UTC)))
+    assert spooled(agent, RunResult)[-1].stats.files_checked == 2
+
+
+def test_a_stop_request_reaches_the_runs_process_at_a_safe_point(tmp_path, signing, source):
+    agent = make_agent(tmp_path, signing, isolated_runs=True)
+    hooks = {
+        "pre": [{"command": "sleep 30"}],
+        "post": [{"command": "echo post ran $MUSTER_STATUS"}],
+    }
+    agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source, hooks=hooks), signing)))
+    worker = threading.Thread(
+        target=agent._execute, args=(Task("src", "backup", datetime.now(UTC)),)
+    )
+    worker.start()
+    wait_until(lambda: spooled(agent, RunStatus))  # the child runs its pre hook
+    agent.stop()
+    worker.join(20)
+    assert not worker.is_alive()
+    (found,) = spooled(agent, RunResult)
+    assert found.status == "interrupted" and "nothing of it is visible" in found.error
+    assert found.hooks[-1].output == "post ran interrupted\n"
+    assert snapshots(tmp_path) == []
+
+
+def test_a_runs_process_that_dies_is_a_failed_run(tmp_path, signing, source, monkeypatch):
+    agent = make_agent(tmp_path, signing, isolated_runs=True)
+    agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source), signing)))
+    monkeypatch.setattr(daemon_run.Runner, "run", lambda *_: os._exit(3))  # in the child
+    agent._execute(Task("src", "backup", datetime.now(UTC)))
+    (found,) = spooled(agent, RunResult)
+    assert found.status == "failure"
+    assert found.error == "the run's process exited with status 3 before its result"
+
+
+def test_a_runs_process_is_killed_when_it_does_not_stop_in_time(tmp_path, signing, source):
+    agent = make_agent(
+        tmp_path, signing, isolated_runs=True, broker_url="amqp://127.0.0.1:1/", stop_timeout=0.5
+    )
+    hooks = {"post": [{"command": "sleep 20"}]}  # post hooks run to their end, stop or not
+    agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source, hooks=hooks), signing)))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    wait_until(lambda: agent.runner._child is not None)
+    child = agent.runner._child
+    wait_until(lambda: any(s.phase == "starting" for s in spooled(agent, RunStatus)))
+    agent.stop()
+    thread.join(15)
+    assert not thread.is_alive()
+    with pytest.raises(ProcessLookupError):  # killed, and reaped
+        os.kill(child, 0)
+    (found,) = spooled(agent, RunResult)
+    assert (found.job, found.status) == ("src", "interrupted")
+    assert found.error == "the run's process exited with status -9 before its result"
+    assert agent.scheduler.running == []
+
+
+def test_the_daemon_loads_no_engine_storage_client_compression_or_cryptography() -> None:
+    """The daemon's modules leave the engine and cryptography to child processes
+    (agent.daemon_run): importing them must not import those. Memory is not asserted,
+    imports are."""
+    code = "import sys, agent.daemon_cli, agent.daemon_run\nprint('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "agent.daemon" in loaded and "kombu" in loaded  # the check sees imports
+    lazy = (
+        "agent.actions",
+        "agent.archive",
+        "agent.catalog",
+        "agent.context",
+        "agent.state",
+        "agent.storage",
+        "agent.volumes",
+        "agent.walk",
+        "agent.age",
+        "boto3",
+        "botocore",
+        "broker.signing",
+        "cryptography",
+        "requests",
+        "rich",
+        "swiftclient",
+        "urllib.request",
+        "zstandard",
+    )
+    assert sorted(m for m in loaded if m.startswith(lazy)) == []
+
+
+ISOLATED_AGENT = """
+import json, sys
+from pathlib import Path
+from agent.daemon import Agent
+from broker.agent_config import AgentSettings
+
+tmp = Path(sys.argv[1])
+settings = AgentSettings(
+    node="web1",
+    state_dir=tmp / "state",
+    trusted_keys=[tmp / "signing.pem.pub"],
+    metadata_url=None,
+    cloud_init_path=tmp / "none",
+    config_drive_path=tmp / "none",
+)
+agent = Agent(settings, isolated_runs=True)
+answers = [agent.receive_plan((tmp / name).read_bytes()) for name in sys.argv[2:]]
+again = Agent(settings, isolated_runs=True)
+loaded = ("cryptography", "agent.age", "broker.signing")
+print(json.dumps({
+    "recipient": agent.recipient,
+    "answers": answers,
+    "rejection": agent.last_rejection,
+    "stored": again.plan_hash,
+    "loaded": sorted(m for m in sys.modules if m.startswith(loaded)),
+}))
+"""
+
+
+def test_an_isolated_agent_verifies_plans_without_loading_cryptography(tmp_path, signing, source):
+    plan = backup_plan(tmp_path, source)
+    (tmp_path / "good.json").write_bytes(encode(sign_plan(plan, signing)))
+    forged = json.loads(encode(sign_plan(plan, signing)))
+    forged["plan"]["jobs"][0]["sources"]["paths"] = ["/"]
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    done = subprocess.run(
+        [sys.executable, "-c", ISOLATED_AGENT, str(tmp_path), "good.json", "forged.json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["answers"] == ["accepted", "rejected"]
+    assert "altered or forged" in found["rejection"]
+    assert found["stored"] == plan.content_hash()  # the stored plan verified on restart
+    assert found["recipient"] == str(ensure_identity(tmp_path / "state").recipient)
+    assert found["loaded"] == []
+
+
+def test_an_isolated_agent_refuses_to_start_with_a_bad_trusted_key(tmp_path, signing):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key")
+    with pytest.raises(ValueError):
+        make_agent(tmp_path, signing, isolated_runs=True, trusted_keys=[bad])
