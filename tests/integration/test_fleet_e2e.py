@@ -26,9 +26,9 @@ from tests.integration.test_restore_without_muster import (
     EXTRACT_ONE,
     FIND_VOLUME_WITHOUT_JQ,
     MAKE_DEST,
-    VENV_BIN,
     fetch_record_and_catalog,
     fetch_volume,
+    guide_shell,
 )
 from tests.processes import MUSTER, Daemon, clean_environ, wait_for
 from tests.services import SwiftCredentials
@@ -204,40 +204,15 @@ def test_the_same_file_comes_back_from_swift_with_only_standard_tools(
     node = web.env["MUSTER_NODE"]
     wanted = run.root / "data" / "web" / "srv" / "www" / "app.js"
     (backup,) = run.listener.of(RunResult, node=node, kind="backup", status="success")[:1]
-    work, dest = tmp_path / "work", tmp_path / "restore"
-    work.mkdir()
-    variables = {
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "HOME": str(tmp_path),
-        "LANG": "C.UTF-8",
+    login = {
         "ST_AUTH": swift_credentials.auth_url,
         "ST_USER": swift_credentials.user,
         "ST_KEY": swift_credentials.key,
         "CONTAINER": f"fleet-{run.tag}",
         "JOB": f"fleet/{node}/www",
-        "REPO": str(tmp_path / "muster-restore"),
-        "KEY": str(web.state / "identity.txt"),
-        "SNAP": backup.snapshot or "",
-        "FILE": str(wanted),
-        "DEST": str(dest),
     }
-    script = "\n".join(
-        [
-            fetch_record_and_catalog("swift"),
-            DECRYPT_CATALOG,
-            FIND_VOLUME_WITHOUT_JQ,
-            fetch_volume("swift"),
-            MAKE_DEST,
-            EXTRACT_ONE,
-        ]
-    )
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env=variables,
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, f"{script}\n{done.stdout}\n{done.stderr}"
-    assert (dest / wanted.relative_to("/")).read_bytes() == wanted.read_bytes()
+    key = web.state / "identity.txt"
+    shell = guide_shell(login, True, key, tmp_path, backup.snapshot or "")
+    steps = [fetch_record_and_catalog("swift"), DECRYPT_CATALOG, FIND_VOLUME_WITHOUT_JQ]
+    shell.run(*steps, fetch_volume("swift"), MAKE_DEST, EXTRACT_ONE, FILE=str(wanted))
+    assert shell.restored(wanted).read_bytes() == wanted.read_bytes()
