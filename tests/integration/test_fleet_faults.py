@@ -233,9 +233,11 @@ def stored_names(swift: SwiftCredentials, container: str, prefix: str) -> list[s
 def test_swift_stopped_during_an_upload_leaves_no_partial_snapshot_and_the_next_run_succeeds(
     fleet: FleetRun, services: ServiceSet, swift_credentials: SwiftCredentials
 ) -> None:
+    """Swift stays down longer than the agent's retries last (5, backing off from 1 s to
+    16 s: about a minute), so the cut run must fail rather than resume."""
     big = fleet.root / "big"
     big.mkdir()
-    for index in range(6):
+    for index in range(8):  # 8 MiB at 2 MiB/s: an upload of 4 s to cut
         (big / f"part-{index}.bin").write_bytes(os.urandom(1 << 20))
     login = {
         "ST_AUTH": swift_credentials.auth_url,
@@ -247,6 +249,7 @@ def test_swift_stopped_during_an_upload_leaves_no_partial_snapshot_and_the_next_
     running = fleet.listener.wait(RunStatus, 45, node=node, kind="backup", phase="running")[0]
     try:
         services.stop("swift")
+        assert not results_on_wire(fleet, node, run_id=running.run_id), "not cut: too fast"
         (cut,) = fleet.listener.wait(RunResult, 90, node=node, run_id=running.run_id)
     finally:
         services.start("swift")
