@@ -62,9 +62,8 @@ class FleetRun:
             "MUSTER_DATABASE": self.database,
             **REPORTER_SETTINGS,
         }
-        self.reporter = Process(
-            root, "reporter", ["reporter", "run"], central_env(amqp_url, root, reporter_values)
-        )
+        self.reporter_env = central_env(amqp_url, root, reporter_values)
+        self.reporter = Process(root, "reporter", ["reporter", "run"], dict(self.reporter_env))
         self.agents: list[Daemon] = []
 
     def write_rules(self, text: str) -> None:
@@ -79,6 +78,14 @@ class FleetRun:
         for process in (self.engine, self.reporter):
             consuming(process)
         return self
+
+    def recover(self) -> None:
+        """Start the rule engine or reporter again (as configured first) if it is down."""
+        if not self.reporter.running:
+            self.reporter.env = dict(self.reporter_env)
+        for process in (self.engine, self.reporter):
+            if not process.running:
+                consuming(process.start())
 
     def node(self, role: str) -> str:
         return f"{role}-{self.tag}-{len(self.agents)}"

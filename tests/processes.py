@@ -186,7 +186,9 @@ class Daemon(Process):
     def spooled(self, kind: str = "run_result") -> list[str]:
         """Ids of the messages waiting in the spool."""
         folder = self.state / "spool"
-        names = sorted(p.name for p in folder.glob(f"*-{kind}-*.json")) if folder.exists() else []
+        found = folder.glob(f"*-{kind}-*.json") if folder.exists() else []
+        # not `.tmp-...` files: a message being spooled right now, under another name
+        names = sorted(p.name for p in found if not p.name.startswith("."))
         return [name.removesuffix(".json").split("-", 2)[2] for name in names]
 
 
