@@ -5,29 +5,27 @@ and the whole loop with the real rule engine."""
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import os
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu import Connection, Producer, Queue
+from kombu import Producer
 
 from agent import age
-from broker.codec import decode, encode
-from broker.connection import Publisher, body_bytes, connect
+from broker.codec import encode
+from broker.connection import Publisher, connect
 from broker.messages import Alert, Announce, Keepalive, Message, RunResult, RunStatus, SignedPlan
 from broker.plan import Plan
 from broker.signing import (
@@ -37,143 +35,11 @@ from broker.signing import (
     sign_plan,
     verify_plan,
 )
-from broker.topology import EVENTS, PLANS, declare
+from broker.topology import PLANS, declare
+from tests.processes import MUSTER, Daemon, Listener, agent_env, wait_for
 from tests.services import ServiceSet
 
 pytestmark = pytest.mark.integration
-
-MUSTER = Path(sys.executable).parent / "muster"
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float = 30, what: str | Callable[[], str] = ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            what = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.1)
-
-
-class Listener:
-    """A durable queue of our own bound to every event (so it outlives a broker restart),
-    read with basic.get; keeps every message of one node, with its raw body."""
-
-    def __init__(self, amqp_url: str, node: str) -> None:
-        self.url = amqp_url
-        self.node = node
-        self.queue = Queue(
-            f"muster.test.{uuid.uuid4().hex[:12]}",
-            exchange=EVENTS,
-            routing_key="#",
-            durable=True,
-            auto_delete=False,
-        )
-        self.messages: list[Message] = []
-        self.bodies: list[bytes] = []
-        self._connection: Connection | None = None
-        self._poll()
-
-    def _poll(self) -> None:
-        try:
-            if self._connection is None:
-                self._connection = Connection(self.url, connect_timeout=3)
-                self._connection.connect()
-            bound = self.queue(self._connection.default_channel)
-            bound.declare()
-            while (delivery := bound.get(no_ack=True)) is not None:
-                body = body_bytes(delivery)
-                message = decode(body)
-                if getattr(message, "node", None) == self.node:
-                    self.messages.append(message)
-                    self.bodies.append(body)
-        except OSError:  # the broker is down, or just came back: reconnect next time
-            self.close_connection()
-
-    def close_connection(self) -> None:
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                self._connection.release()
-            self._connection = None
-
-    def of(self, cls: type, /, **fields: Any) -> list:
-        self._poll()
-        return [
-            m
-            for m in self.messages
-            if isinstance(m, cls) and all(getattr(m, k) == v for k, v in fields.items())
-        ]
-
-    def wait(self, cls: type, /, timeout: float = 30, count: int = 1, **fields: Any) -> list:
-        def what() -> str:
-            return f"{count} {cls.__name__} {fields or ''} from {self.node}; got {self.summary()}"
-
-        def enough() -> list:
-            found = self.of(cls, **fields)
-            return found if len(found) >= count else []
-
-        return wait_for(enough, timeout, what)
-
-    def summary(self) -> str:
-        return ", ".join(
-            f"{m.type}({getattr(m, 'status', None) or getattr(m, 'bytes_done', '')})"
-            for m in self.messages
-        )
-
-    def delete(self) -> None:
-        self.close_connection()
-        with Connection(self.url, connect_timeout=5) as connection:
-            self.queue(connection.default_channel).delete()
-
-
-class Daemon:
-    """`muster agent run` in a subprocess, configured by environment only."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
-        self.tmp_path = tmp_path
-        self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-
-    @property
-    def state(self) -> Path:
-        return Path(self.env["MUSTER_STATE_DIR"])
-
-    def start(self) -> Daemon:
-        log = self.tmp_path / f"daemon-{len(self.logs)}.log"
-        self.logs.append(log)
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [str(MUSTER), "--log-level", "info", "agent", "run"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def stop(self, timeout: float = 30) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    @property
-    def log(self) -> str:
-        return "".join(path.read_text(errors="replace") for path in self.logs if path.exists())
-
-    def spooled(self, kind: str = "run_result") -> list[str]:
-        """Ids of the messages waiting in the spool."""
-        folder = self.state / "spool"
-        names = sorted(p.name for p in folder.glob(f"*-{kind}-*.json")) if folder.exists() else []
-        return [name.removesuffix(".json").split("-", 2)[2] for name in names]
 
 
 @pytest.fixture
@@ -199,21 +65,9 @@ def listener(amqp_url: str, node: str) -> Iterator[Listener]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, amqp_url: str, node: str, signing) -> Iterator[Daemon]:
-    env = {
-        **os.environ,
-        "MUSTER_CONFIG": str(tmp_path / "absent.yaml"),
-        "MUSTER_BROKER_URL": amqp_url,
-        "MUSTER_NODE": node,
-        "MUSTER_STATE_DIR": str(tmp_path / "state"),
-        "MUSTER_TRUSTED_KEYS": str(tmp_path / "signing.pem.pub"),
-        "MUSTER_LABELS": "tier=test,suite=daemon",
-        "MUSTER_METADATA_URL": "",
-        "MUSTER_CLOUD_INIT_PATH": str(tmp_path / "no-instance-data.json"),
-        "MUSTER_CONFIG_DRIVE_PATH": str(tmp_path / "no-config-drive"),
-        "MUSTER_KEEPALIVE_INTERVAL": "1",
-        "MUSTER_STATUS_INTERVAL": "0.2",
-        "MUSTER_RECONNECT_MAX": "1",
-    }
+    env = agent_env(
+        tmp_path, amqp_url, node, tmp_path / "signing.pem.pub", "tier=test,suite=daemon"
+    )
     found = Daemon(tmp_path, env)
     yield found
     found.kill()  # never leave a daemon behind

@@ -416,6 +416,14 @@ def shell_with(
     storage: dict[str, str], remote: bool, keys: Keys, directory: Path, snapshot: SnapshotRecord
 ) -> Shell:
     """`storage`: the guide's step-0 variables of one storage (REPO, or JOB and login)."""
+    return guide_shell(storage, remote, keys.node_file, directory, snapshot.id)
+
+
+def guide_shell(
+    storage: dict[str, str], remote: bool, key_file: Path, directory: Path, snapshot: str
+) -> Shell:
+    """The guide's variables for restoring `snapshot` with the identity in `key_file`
+    (also used by the fleet's end-to-end test, on a node's own key)."""
     work, dest = directory / "work", directory / "restore"
     work.mkdir()
     variables = {
@@ -425,8 +433,8 @@ def shell_with(
         "AWS_CONFIG_FILE": str(directory / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(directory / "no-aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
-        "KEY": str(keys.node_file),
-        "SNAP": snapshot.id,
+        "KEY": str(key_file),
+        "SNAP": snapshot,
         "DEST": str(dest),
         **storage,
     }
