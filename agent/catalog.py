@@ -55,25 +55,6 @@ class Entry:
     def key(self) -> bytes:
         return sort_key(self.path)
 
-    def unchanged_since(self, previous: "Entry") -> bool:
-        """GNU tar's and restic's test: same size, times, inode and mode means same data.
-
-        A symlink's target cannot change in place (a new link is a new inode), so the
-        walk need not read it to decide."""
-        return (
-            _content_kind(self.type) == _content_kind(previous.type)
-            and self.size == previous.size
-            and self.mtime_ns == previous.mtime_ns
-            and self.ctime_ns == previous.ctime_ns
-            and self.inode == previous.inode
-            and self.mode == previous.mode
-        )
-
-
-def _content_kind(kind: str) -> str:
-    """A hard link is a regular file under another name: the walk cannot tell them apart."""
-    return FILE if kind == HARDLINK else kind
-
 
 def sort_key(path: str) -> bytes:
     """Component order: the separator sorts before every byte a name can hold."""

@@ -24,7 +24,14 @@ import zstandard
 from agent import age
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_lines
 from agent.repository import Repository
-from agent.state import CatalogCache
+from agent.state import (
+    CatalogCache,
+    Indexed,
+    IndexWriter,
+    fingerprint,
+    read_index,
+    stat_fingerprint,
+)
 from agent.tarheader import DIRECTORY as TAR_DIRECTORY
 from agent.tarheader import HARDLINK as TAR_HARDLINK
 from agent.tarheader import REGULAR, member_header
@@ -94,7 +101,7 @@ def _backup(
     recipients = recipients_for(job, identity)
     run = _Run(job, repo, snapshot_id, recipients, cache, progress)
     with contextlib.ExitStack() as stack:
-        previous = iter(()) if full else _previous_lines(repo, parent, cache, identity, stack)
+        previous = iter(()) if full else _previous_entries(repo, parent, cache, identity, stack)
         catalog = run.execute(previous)
     record = SnapshotRecord(
         id=snapshot_id,
@@ -129,39 +136,66 @@ def _oldest_first(volumes: set[str], history: list[SnapshotRecord]) -> list[str]
     return sorted(volumes, key=lambda name: (started.get(snapshot_of(name) or "", oldest), name))
 
 
-def _previous_lines(
+def _previous_entries(
     repo: Repository,
     parent: SnapshotRecord,
     cache: CatalogCache,
     identity: age.Identity,
     stack: contextlib.ExitStack,
-) -> Iterator[tuple[Entry, bytes]]:
+) -> Iterator[Indexed]:
+    """The parent's entries: from the local index when this node wrote one, else decoded
+    from the cached catalog, else from the catalog in storage."""
+    index = cache.index(parent.id)
+    if index is not None:
+        records = read_index(stack.enter_context(index.open("rb")))
+        if records is not None:
+            return records
     cached = cache.path(parent.id)
     if cached is not None:
-        return read_lines(stack.enter_context(cached.open("rb")))
+        return _indexed(read_lines(stack.enter_context(cached.open("rb"))))
     encrypted = stack.enter_context(repo.get(catalog_name(parent.id)))
-    return read_lines(stack.enter_context(age.Decryptor(encrypted, [identity])))
+    return _indexed(read_lines(stack.enter_context(age.Decryptor(encrypted, [identity]))))
+
+
+def _indexed(lines: Iterator[tuple[Entry, bytes]]) -> Iterator[Indexed]:
+    """Catalog lines as index records; an entry without a location never matches."""
+    for entry, line in lines:
+        if entry.location is not None:
+            kind = _MODE_TYPES[entry.type]
+            stamp = fingerprint(
+                kind | entry.mode, entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode
+            )
+            yield Indexed(entry.key, stamp, line, entry.location.volume)
+
+
+_MODE_TYPES = {
+    FILE: stat.S_IFREG,
+    HARDLINK: stat.S_IFREG,  # a second name of a regular file: the walk sees a file
+    DIRECTORY: stat.S_IFDIR,
+    SYMLINK: stat.S_IFLNK,
+}
 
 
 class _Previous:
-    """The previous catalog as a stream of (entry, line), advanced in step with the walk."""
+    """The previous catalog as a stream of index records, advanced in step with the walk."""
 
-    def __init__(self, lines: Iterator[tuple[Entry, bytes]]) -> None:
-        self._lines = lines
+    def __init__(self, records: Iterator[Indexed]) -> None:
+        self._records = records
         self._advance()
 
     def _advance(self) -> None:
-        self._next = next(self._lines, None)
-        self._key = self._next[0].key if self._next is not None else None
+        self._next = next(self._records, None)
+        self._key = self._next.key if self._next is not None else None
 
-    def find(self, key: bytes) -> tuple[Entry, bytes] | None:
+    def find(self, key: bytes) -> Indexed | None:
         while self._key is not None and self._key < key:
             self._advance()
         return self._next if self._key == key else None
 
 
 class _Catalog:
-    """The catalog being written: age-encrypted to storage and plain to the local cache."""
+    """The catalog being written: age-encrypted to storage, plain to the local cache,
+    and as an index (key, fingerprint, line) next to it for the next run."""
 
     def __init__(
         self,
@@ -178,9 +212,11 @@ class _Catalog:
         self._zstd = zstandard.ZstdCompressor(level=3).stream_writer(
             _Tee(self._encryptor, self._local), closefd=False
         )
+        self._index = IndexWriter(self._stack.enter_context(cache.open_index_temp(snapshot_id)))
         self._lines = bytearray()
 
-    def write(self, line: bytes) -> None:
+    def write(self, line: bytes, key: bytes, stamp: bytes, volume: str) -> None:
+        self._index.add(key, stamp, line, volume)
         self._lines += line
         if len(self._lines) >= 1 << 18:  # one compressor call per 256 KiB, not per line
             self._zstd.write(self._lines)
@@ -192,6 +228,7 @@ class _Catalog:
         self._encryptor.close()
         self._local.flush()
         os.fsync(self._local.fileno())
+        self._index.close()
         self._stack.close()
         return ObjectInfo(
             name=self._name, size=self._sink.size, sha256=self._sink.sha256.hexdigest()
@@ -209,6 +246,18 @@ class _Tee:
         for sink in self._sinks:
             sink.write(data)
         return len(data)
+
+
+@dataclass(slots=True)
+class _Line:
+    """A catalog line waiting for its turn: an unchanged entry's line as it was, or a
+    stored entry whose line is encoded once its member has a location."""
+
+    entry: Entry | None
+    key: bytes
+    stamp: bytes
+    line: bytes | None = None
+    volume: str | None = None
 
 
 class _Run:
@@ -233,7 +282,7 @@ class _Run:
         self.warnings: list[str] = []
         self.referenced: set[str] = set()
         self.volumes: VolumeWriter
-        self._ordered: deque[tuple[Entry, bytes | None]] = deque()
+        self._ordered: deque[_Line] = deque()
         self._links: dict[tuple[int, int], tuple[Entry, int]] = {}
         self._files_done = 0
         self._bytes_done = 0
@@ -268,28 +317,44 @@ class _Run:
 
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
         for found in walk:
-            entry = _entry(found)
-            line = None
-            match = previous.find(entry.key)
-            before = match[0] if match else None
-            if before is not None and before.location and entry.unchanged_since(before):
-                entry, line, change = before, match[1], "unchanged"  # its line, as it was
-            elif self._store(entry, found):
-                change = "new" if before is None else "changed"
+            before = previous.find(found.key)
+            stamp = stat_fingerprint(found.stat)
+            if before is not None and before.fingerprint == stamp:
+                self._count_unchanged(found.stat)  # its line, as it was: nothing decoded
+                self._ordered.append(_Line(None, found.key, stamp, before.line, before.volume))
             else:
-                continue
-            self._count(entry, change)
-            self._ordered.append((entry, line))
+                entry = _entry(found)
+                if not self._store(entry, found):
+                    continue
+                self._count(entry, "new" if before is None else "changed")
+                self._ordered.append(_Line(entry, found.key, stamp))
             self._emit_located(catalog)
         self.volumes.finish_volume()
         self._emit_located(catalog)
 
     def _emit_located(self, catalog: _Catalog) -> None:
         """Catalog lines leave in walk order, each once its member has a location."""
-        while self._ordered and self._ordered[0][0].location is not None:
-            entry, line = self._ordered.popleft()
-            self.referenced.add(entry.location.volume)  # type: ignore[union-attr]
-            catalog.write(line or encode_line(entry))
+        ordered = self._ordered
+        while ordered:
+            head = ordered[0]
+            if head.entry is not None:
+                if head.entry.location is None:
+                    return
+                head.line, head.volume = encode_line(head.entry), head.entry.location.volume
+            ordered.popleft()
+            self.referenced.add(head.volume)
+            catalog.write(head.line, head.key, head.stamp, head.volume)  # type: ignore[arg-type]
+
+    def _count_unchanged(self, info: os.stat_result) -> None:
+        if stat.S_ISDIR(info.st_mode):
+            self.tally["directories"] += 1
+        elif stat.S_ISREG(info.st_mode):
+            self.tally["files"] += 1
+            self.tally["bytes"] += info.st_size
+            self.tally["files_unchanged"] += 1
+            self._bytes_done += info.st_size
+            self._files_done += 1
+            self._report()
 
     def _count(self, entry: Entry, change: str) -> None:
         if entry.type == DIRECTORY:
@@ -298,8 +363,6 @@ class _Run:
             self.tally["files"] += 1
             self.tally["bytes"] += entry.size
             self.tally[f"files_{change}"] += 1
-            if change == "unchanged":
-                self._bytes_done += entry.size
             self._files_done += 1
             self._report()
 
