@@ -12,15 +12,13 @@ Files are private (0600).
 
 import fcntl
 import hashlib
-import io
 import os
 import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
@@ -136,28 +134,43 @@ def stat_fingerprint(info: os.stat_result) -> bytes:
     return fingerprint(info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
-@dataclass(frozen=True, slots=True)
-class Indexed:
+class Indexed(NamedTuple):
     """One catalog entry as the index holds it."""
 
     key: bytes  # catalog.sort_key(path)
     fingerprint: bytes
     line: bytes  # the catalog line, verbatim
     volume: str  # the volume holding its member
+    record: bytes  # the whole stored record: an unchanged entry's is copied as it is
+
+
+def indexed(key: bytes, fingerprint: bytes, line: bytes, volume: str) -> Indexed:
+    """A record as the index would hold it (for entries decoded from a catalog)."""
+    return Indexed(key, fingerprint, line, volume, _record(key, fingerprint, line, volume))
+
+
+def _record(key: bytes, fingerprint: bytes, line: bytes, volume: str) -> bytes:
+    raw_volume = volume.encode()
+    lengths = _RECORD.pack(len(key), len(fingerprint), len(line), len(raw_volume))
+    return lengths + key + fingerprint + line + raw_volume
 
 
 class IndexWriter:
-    """Writes index records, zstd-compressed (level 1: it is rewritten every run)."""
+    """Writes index records, zstd-compressed at level 1 (it is rewritten every run) on
+    zstd's own thread, beside the walk."""
 
     def __init__(self, sink: BinaryIO) -> None:
         self._sink = sink
-        self._zstd = zstandard.ZstdCompressor(level=1).stream_writer(sink, closefd=False)
+        compressor = zstandard.ZstdCompressor(level=1, threads=1)
+        self._zstd = compressor.stream_writer(sink, closefd=False)
         self._buffer = bytearray(_MAGIC)
 
     def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:
-        raw_volume = volume.encode()
-        self._buffer += _RECORD.pack(len(key), len(fingerprint), len(line), len(raw_volume))
-        self._buffer += key + fingerprint + line + raw_volume
+        self.copy(_record(key, fingerprint, line, volume))
+
+    def copy(self, record: bytes) -> None:
+        """Append a record as `Indexed.record` holds it."""
+        self._buffer += record
         if len(self._buffer) >= 1 << 18:  # one compressor call per 256 KiB
             self._zstd.write(self._buffer)
             self._buffer.clear()
@@ -185,20 +198,35 @@ def read_index(source: BinaryIO) -> Iterator[Indexed] | None:
 
 
 def _records(reader: BinaryIO) -> Iterator[Indexed]:
-    buffered = io.BufferedReader(reader, 1 << 16)  # type: ignore[arg-type]
-    size = _RECORD.size
+    """Parsed from 1 MiB blocks of decompressed data: a read call per record would cost
+    as much as the comparison it serves."""
+    volumes: dict[bytes, str] = {}  # a few names, shared by thousands of records
+    unpack, head = _RECORD.unpack_from, _RECORD.size
+    pending = b""
     try:
-        while len(head := buffered.read(size)) == size:
-            key_length, print_length, line_length, volume_length = _RECORD.unpack(head)
-            body = buffered.read(key_length + print_length + line_length + volume_length)
-            if len(body) != key_length + print_length + line_length + volume_length:
-                return
-            line_end = key_length + print_length + line_length
-            yield Indexed(
-                body[:key_length],
-                body[key_length : key_length + print_length],
-                body[key_length + print_length : line_end],
-                body[line_end:].decode(),
-            )
+        while block := reader.read(1 << 20):
+            data = pending + block
+            at, end = 0, len(data)
+            while at + head <= end:
+                key_length, print_length, line_length, volume_length = unpack(data, at)
+                key_end = at + head + key_length
+                print_end = key_end + print_length
+                line_end = print_end + line_length
+                stop = line_end + volume_length
+                if stop > end:
+                    break
+                raw_volume = data[line_end:stop]
+                volume = volumes.get(raw_volume) or volumes.setdefault(
+                    raw_volume, raw_volume.decode()
+                )
+                yield Indexed(
+                    data[at + head : key_end],
+                    data[key_end:print_end],
+                    data[print_end:line_end],
+                    volume,
+                    data[at:stop],
+                )
+                at = stop
+            pending = data[at:]
     except zstandard.ZstdError:
         return

@@ -29,6 +29,7 @@ from agent.state import (
     Indexed,
     IndexWriter,
     fingerprint,
+    indexed,
     read_index,
     stat_fingerprint,
 )
@@ -165,7 +166,7 @@ def _indexed(lines: Iterator[tuple[Entry, bytes]]) -> Iterator[Indexed]:
             stamp = fingerprint(
                 kind | entry.mode, entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode
             )
-            yield Indexed(entry.key, stamp, line, entry.location.volume)
+            yield indexed(entry.key, stamp, line, entry.location.volume)
 
 
 _MODE_TYPES = {
@@ -209,7 +210,7 @@ class _Catalog:
         self._sink = HashingSink(self._stack.enter_context(open_writer(self._name)))
         self._encryptor = age.Encryptor(self._sink, recipients)
         self._local = self._stack.enter_context(cache.open_temp(snapshot_id))
-        self._zstd = zstandard.ZstdCompressor(level=3).stream_writer(
+        self._zstd = zstandard.ZstdCompressor(level=3, threads=1).stream_writer(
             _Tee(self._encryptor, self._local), closefd=False
         )
         self._index = IndexWriter(self._stack.enter_context(cache.open_index_temp(snapshot_id)))
@@ -217,6 +218,14 @@ class _Catalog:
 
     def write(self, line: bytes, key: bytes, stamp: bytes, volume: str) -> None:
         self._index.add(key, stamp, line, volume)
+        self._add(line)
+
+    def reuse(self, before: Indexed) -> None:
+        """An unchanged entry: its previous line and index record, copied as they were."""
+        self._index.copy(before.record)
+        self._add(before.line)
+
+    def _add(self, line: bytes) -> None:
         self._lines += line
         if len(self._lines) >= 1 << 18:  # one compressor call per 256 KiB, not per line
             self._zstd.write(self._lines)
@@ -250,14 +259,13 @@ class _Tee:
 
 @dataclass(slots=True)
 class _Line:
-    """A catalog line waiting for its turn: an unchanged entry's line as it was, or a
-    stored entry whose line is encoded once its member has a location."""
+    """A catalog line waiting for its turn: a stored entry, whose line is encoded once
+    its member has a location, or an unchanged entry's previous line, as it was."""
 
     entry: Entry | None
     key: bytes
     stamp: bytes
-    line: bytes | None = None
-    volume: str | None = None
+    before: Indexed | None = None
 
 
 class _Run:
@@ -316,19 +324,23 @@ class _Run:
         return info
 
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
+        ordered = self._ordered
         for found in walk:
             before = previous.find(found.key)
             stamp = stat_fingerprint(found.stat)
             if before is not None and before.fingerprint == stamp:
                 self._count_unchanged(found.stat)  # its line, as it was: nothing decoded
-                self._ordered.append(_Line(None, found.key, stamp, before.line, before.volume))
-            else:
-                entry = _entry(found)
-                if not self._store(entry, found):
-                    continue
+                if ordered:
+                    ordered.append(_Line(None, found.key, stamp, before))
+                else:
+                    catalog.reuse(before)
+                    self.referenced.add(before.volume)
+                continue
+            entry = _entry(found)
+            if self._store(entry, found):
                 self._count(entry, "new" if before is None else "changed")
-                self._ordered.append(_Line(entry, found.key, stamp))
-            self._emit_located(catalog)
+                ordered.append(_Line(entry, found.key, stamp))
+                self._emit_located(catalog)
         self.volumes.finish_volume()
         self._emit_located(catalog)
 
@@ -337,13 +349,17 @@ class _Run:
         ordered = self._ordered
         while ordered:
             head = ordered[0]
-            if head.entry is not None:
-                if head.entry.location is None:
+            if head.before is not None:
+                catalog.reuse(head.before)
+                volume = head.before.volume
+            else:
+                entry = head.entry
+                if entry is None or entry.location is None:
                     return
-                head.line, head.volume = encode_line(head.entry), head.entry.location.volume
+                volume = entry.location.volume
+                catalog.write(encode_line(entry), head.key, head.stamp, volume)
             ordered.popleft()
-            self.referenced.add(head.volume)
-            catalog.write(head.line, head.key, head.stamp, head.volume)  # type: ignore[arg-type]
+            self.referenced.add(volume)
 
     def _count_unchanged(self, info: os.stat_result) -> None:
         if stat.S_ISDIR(info.st_mode):

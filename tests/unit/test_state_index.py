@@ -71,3 +71,18 @@ def test_a_stat_result_and_its_fields_give_the_same_fingerprint(tmp_path):
     assert stat_fingerprint(info) == fingerprint(
         info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino
     )
+
+
+def test_copied_records_make_the_same_index(tmp_path):
+    records = [(b"\0k%04d" % i, b"f" * 36, b"line %d\n" % i, f"v{i % 3}") for i in range(500)]
+    original = written(tmp_path / "index", records)
+    back = read_index(io.BytesIO(original))
+    assert back is not None
+    with (tmp_path / "copy").open("wb") as sink:
+        writer = IndexWriter(sink)
+        for record in back:
+            writer.copy(record.record)
+        writer.close()
+    again = read_index(io.BytesIO((tmp_path / "copy").read_bytes()))
+    assert again is not None
+    assert [(r.key, r.fingerprint, r.line, r.volume) for r in again] == records
