@@ -9,6 +9,7 @@ fills; at most `IN_FLIGHT` frames are held, so memory does not grow with the dat
 
 import contextlib
 import hashlib
+import io
 import os
 import threading
 from collections import deque
@@ -21,7 +22,7 @@ import zstandard
 
 from agent import age
 from agent.catalog import Entry, Location
-from agent.tarheader import END_OF_ARCHIVE, padding
+from agent.tarheader import BLOCK, END_OF_ARCHIVE
 from agent.throttle import OpenWriter
 from broker.snapshot import VolumeInfo, volume_name
 
@@ -140,24 +141,42 @@ class VolumeWriter:
         self._pending.append(pending)  # first, so its first frame's offset is kept
         self._frame += header
         warnings = self._copy(entry, content) if content is not None else []
-        self._frame += padding(size)
+        pad = -size % BLOCK
+        if pad:
+            self._frame += bytes(pad)
         pending.last_frame = self._frame_index
-        volume.tar_bytes += len(header) + size + len(padding(size))
+        volume.tar_bytes += len(header) + size + pad
         volume.members += 1
         if size > self._target:
             self.finish_volume()  # a file bigger than the target has a volume of its own
         return warnings
 
     def _copy(self, entry: Entry, content: BinaryIO) -> list[str]:
+        size = entry.size
+        if size <= READ_SIZE:  # most files: one read, one hash, no loop
+            chunk = content.read(size)
+            if len(chunk) == size:
+                entry.sha256 = hashlib.sha256(chunk).hexdigest()
+                self._frame += chunk
+                self._on_read(size)
+                if len(self._frame) >= FRAME_MAX:
+                    self._cut_frame()
+                return []
+            return self._copy_rest(entry, content, chunk)
+        return self._copy_rest(entry, content, b"")
+
+    def _copy_rest(self, entry: Entry, content: BinaryIO, chunk: bytes) -> list[str]:
+        """Large files in `READ_SIZE` reads, and files that shrank under us."""
         digest, remaining = hashlib.sha256(), entry.size
         while remaining:
-            chunk = content.read(min(READ_SIZE, remaining))
+            chunk = chunk or content.read(min(READ_SIZE, remaining))
             if not chunk:
                 break
             digest.update(chunk)
             self._frame += chunk
             remaining -= len(chunk)
             self._on_read(len(chunk))
+            chunk = b""
             if len(self._frame) >= FRAME_MAX:
                 self._cut_frame()
         warnings = []
@@ -267,4 +286,4 @@ def open_for_reading(path: str) -> BinaryIO:
         fd = os.open(path, flags)
     except PermissionError:
         fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
-    return os.fdopen(fd, "rb", buffering=0)
+    return io.FileIO(fd, "r")  # unbuffered: every read is one whole-file-sized syscall
