@@ -5,6 +5,10 @@ new frame at the first member boundary past `FRAME_TARGET` bytes (and inside mem
 every `FRAME_MAX` bytes), so that one file can later be restored by fetching only the age
 chunks that hold its frames. Frames are compressed on a thread pool while the next one
 fills; at most `IN_FLIGHT` frames are held, so memory does not grow with the data.
+Compressed frames are encrypted, hashed and written on one writer thread, in order (all
+three release the GIL), so the walk and the tar stream go on meanwhile; at most
+`WRITES_QUEUED` frames wait for it. Locations depend only on compressed sizes, so they
+are known before the bytes are written; nothing is visible before the volume commits.
 """
 
 import contextlib
@@ -14,7 +18,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -29,6 +33,7 @@ from broker.snapshot import VolumeInfo, volume_name
 FRAME_TARGET = 1 << 20
 FRAME_MAX = 4 << 20
 IN_FLIGHT = 4
+WRITES_QUEUED = 2
 READ_SIZE = 1 << 20
 
 
@@ -99,6 +104,7 @@ class VolumeWriter:
         level: int,
         target_size: int,
         pool: ThreadPoolExecutor,
+        writer: ThreadPoolExecutor,
         on_read: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._open_writer = open_writer
@@ -107,6 +113,8 @@ class VolumeWriter:
         self._level = level
         self._target = target_size
         self._pool = pool
+        self._writer = writer  # one thread: writes stay in order
+        self._writes: deque[Future[int]] = deque()
         self._on_read = on_read  # progress: file bytes as they are read
         self._volume: _Volume | None = None
         self._number = 0
@@ -209,9 +217,11 @@ class VolumeWriter:
         compressed = future.result()
         volume = self._current()
         volume.frame_starts[index] = volume.position
-        volume.encryptor.write(compressed)
+        self._writes.append(self._writer.submit(volume.encryptor.write, compressed))
         volume.position += len(compressed)
         self._locate(volume, written_through=index)
+        while len(self._writes) > WRITES_QUEUED:
+            self._writes.popleft().result()  # raises what the writer met
 
     def _locate(self, volume: _Volume, written_through: int) -> None:
         header_length = volume.encryptor.header_length
@@ -256,6 +266,8 @@ class VolumeWriter:
         self._cut_frame()
         while self._in_flight:
             self._write_oldest()
+        while self._writes:
+            self._writes.popleft().result()
         volume.encryptor.close()
         volume.stack.close()  # commits: the object becomes visible only now
         self.finished.append(
@@ -274,6 +286,10 @@ class VolumeWriter:
         for _, future in self._in_flight:
             future.cancel()
         self._in_flight.clear()
+        for write in self._writes:
+            write.cancel()
+        wait(self._writes)  # the one being written: its sink is about to be discarded
+        self._writes.clear()
         if self._volume is not None:
             self._volume.stack.__exit__(type(error), error, error.__traceback__)
             self._volume = None

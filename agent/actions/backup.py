@@ -301,7 +301,10 @@ class _Run:
         open_writer: OpenWriter = self.repo.open_writer
         if self.job.bandwidth_limit:
             open_writer = paced(open_writer, Throttle(int(self.job.bandwidth_limit)))
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool:
+        with (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-writer") as writer,
+        ):
             self.volumes = VolumeWriter(
                 open_writer,
                 self.snapshot_id,
@@ -309,6 +312,7 @@ class _Run:
                 level=self.job.compression_level,
                 target_size=self.job.volume_size,
                 pool=pool,
+                writer=writer,
                 on_read=self._read,
             )
             catalog = _Catalog(open_writer, self.snapshot_id, self.recipients, self.cache)
