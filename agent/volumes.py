@@ -114,6 +114,7 @@ class VolumeWriter:
         self._target = target_size
         self._pool = pool
         self._writer = writer  # one thread: writes stay in order
+        self._read_buffer = bytearray(READ_SIZE)
         self._writes: deque[Future[int]] = deque()
         self._on_read = on_read  # progress: file bytes as they are read
         self._volume: _Volume | None = None
@@ -173,18 +174,21 @@ class VolumeWriter:
             return self._copy_rest(entry, content, chunk)
         return self._copy_rest(entry, content, b"")
 
-    def _copy_rest(self, entry: Entry, content: BinaryIO, chunk: bytes) -> list[str]:
-        """Large files in `READ_SIZE` reads, and files that shrank under us."""
-        digest, remaining = hashlib.sha256(), entry.size
+    def _copy_rest(self, entry: Entry, content: BinaryIO, first: bytes) -> list[str]:
+        """Large files, read into one reused buffer (no allocation per read), and files
+        that shrank under us (`first`: what a single read got of them)."""
+        digest, remaining = hashlib.sha256(first), entry.size - len(first)
+        self._frame += first
+        self._on_read(len(first))
+        view = memoryview(self._read_buffer)
         while remaining:
-            chunk = chunk or content.read(min(READ_SIZE, remaining))
-            if not chunk:
+            count = content.readinto(view[: min(READ_SIZE, remaining)])  # type: ignore[attr-defined]
+            if not count:
                 break
-            digest.update(chunk)
-            self._frame += chunk
-            remaining -= len(chunk)
-            self._on_read(len(chunk))
-            chunk = b""
+            digest.update(view[:count])
+            self._frame += view[:count]
+            remaining -= count
+            self._on_read(count)
             if len(self._frame) >= FRAME_MAX:
                 self._cut_frame()
         warnings = []

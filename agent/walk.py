@@ -13,13 +13,14 @@ import fnmatch
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.catalog import sort_key
 
+S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
 
-@dataclass(frozen=True, slots=True)
-class Found:
+
+class Found(NamedTuple):  # a tuple: built once per entry, the cheapest record there is
     path: str
     stat: os.stat_result
     key: bytes  # `catalog.sort_key(path)`
@@ -56,15 +57,14 @@ class Walk:
         stack = [iter(self._children(root))]
         while stack:
             for child in stack[-1]:
-                if not self._kept(child):
-                    continue
-                yield child
                 mode = child.stat.st_mode
-                if stat.S_ISDIR(mode) and not (
-                    self._one_file_system and child.stat.st_dev != device
-                ):
-                    stack.append(iter(self._children(child)))
-                    break
+                if S_ISDIR(mode):
+                    yield child
+                    if not (self._one_file_system and child.stat.st_dev != device):
+                        stack.append(iter(self._children(child)))
+                        break
+                elif S_ISREG(mode) or S_ISLNK(mode) or self._kept(child):
+                    yield child
             else:
                 stack.pop()
 
@@ -98,7 +98,7 @@ class Walk:
                     children.append((raw, Found(path, info, key_prefix + raw)))
         except OSError as error:
             self.warnings.append(f"{directory.path}: cannot list: {error.strerror}")
-        children.sort(key=_first)
+        children.sort()  # by name bytes: names are unique, so entries never compare
         return [found for _, found in children]
 
     def _excluded(self, path: str, name: str) -> bool:
@@ -107,10 +107,6 @@ class Walk:
             fnmatch.fnmatchcase(path if "/" in pattern else name, pattern)
             for pattern in self._excludes
         )
-
-
-def _first(pair: tuple[bytes, Found]) -> bytes:
-    return pair[0]
 
 
 def _outermost(paths: Sequence[str]) -> list[str]:
