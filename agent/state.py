@@ -22,6 +22,8 @@ from typing import BinaryIO, NamedTuple
 
 import zstandard
 
+S_ISREG = stat.S_ISREG
+
 DEFAULT_STATE_DIR = Path("/var/lib/muster")
 
 
@@ -131,7 +133,18 @@ def fingerprint(mode: int, size: int, mtime_ns: int, ctime_ns: int, inode: int) 
 
 
 def stat_fingerprint(info: os.stat_result) -> bytes:
-    return fingerprint(info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    """`fingerprint` of a stat result, in one call: it runs for every entry of a walk."""
+    mode = info.st_mode
+    try:
+        return _FINGERPRINT.pack(
+            mode,
+            info.st_size if S_ISREG(mode) else 0,
+            info.st_mtime_ns,
+            info.st_ctime_ns,
+            info.st_ino,
+        )
+    except struct.error:
+        return fingerprint(mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
 
 
 class Indexed(NamedTuple):
@@ -170,10 +183,11 @@ class IndexWriter:
 
     def copy(self, record: bytes) -> None:
         """Append a record as `Indexed.record` holds it."""
-        self._buffer += record
-        if len(self._buffer) >= 1 << 18:  # one compressor call per 256 KiB
-            self._zstd.write(self._buffer)
-            self._buffer.clear()
+        buffer = self._buffer
+        buffer += record
+        if len(buffer) >= 1 << 18:  # one compressor call per 256 KiB
+            self._zstd.write(buffer)
+            buffer.clear()
 
     def close(self) -> None:
         self._zstd.write(self._buffer)

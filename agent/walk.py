@@ -94,7 +94,7 @@ class Walk:
                     except OSError as error:
                         self.warnings.append(f"{path}: {error.strerror}")
                         continue
-                    raw = os.fsencode(name)
+                    raw = name.encode("utf-8", "surrogateescape")  # os.fsencode, inlined
                     children.append((raw, Found(path, info, key_prefix + raw)))
         except OSError as error:
             self.warnings.append(f"{directory.path}: cannot list: {error.strerror}")

@@ -294,6 +294,7 @@ class _Run:
         self._links: dict[tuple[int, int], tuple[Entry, int]] = {}
         self._files_done = 0
         self._bytes_done = 0
+        self._unchanged = [0, 0, 0]  # files, their bytes, directories
 
     def execute(self, previous: Iterator[tuple[Entry, bytes]]) -> ObjectInfo:
         sources = self.job.sources
@@ -347,6 +348,7 @@ class _Run:
                 self._emit_located(catalog)
         self.volumes.finish_volume()
         self._emit_located(catalog)
+        self._tally_unchanged()
 
     def _emit_located(self, catalog: _Catalog) -> None:
         """Catalog lines leave in walk order, each once its member has a location."""
@@ -366,15 +368,22 @@ class _Run:
             self.referenced.add(volume)
 
     def _count_unchanged(self, info: os.stat_result) -> None:
-        if stat.S_ISDIR(info.st_mode):
-            self.tally["directories"] += 1
-        elif stat.S_ISREG(info.st_mode):
-            self.tally["files"] += 1
-            self.tally["bytes"] += info.st_size
-            self.tally["files_unchanged"] += 1
-            self._bytes_done += info.st_size
+        """Plain counters, added to the tally once at the end: this runs for every
+        unchanged entry, the whole of a no-change backup."""
+        mode = info.st_mode
+        if stat.S_ISREG(mode):
+            self._unchanged[0] += 1
+            self._unchanged[1] += info.st_size
             self._files_done += 1
-            self._report()
+            self._bytes_done += info.st_size
+            if self.progress:
+                self._report()
+        elif stat.S_ISDIR(mode):
+            self._unchanged[2] += 1
+
+    def _tally_unchanged(self) -> None:
+        files, size, directories = self._unchanged
+        self.tally.update(files=files, bytes=size, files_unchanged=files, directories=directories)
 
     def _count(self, entry: Entry, change: str) -> None:
         if entry.type == DIRECTORY:
