@@ -168,14 +168,19 @@ def _record(key: bytes, fingerprint: bytes, line: bytes, volume: str) -> bytes:
     return lengths + key + fingerprint + line + raw_volume
 
 
+def background_compressor(level: int) -> zstandard.ZstdCompressor:
+    """A compressor that works on zstd's own thread, beside the walk, in 1 MiB jobs: the
+    default job size would hold about 20 MiB of buffers (at level 3) for it."""
+    params = zstandard.ZstdCompressionParameters.from_level(level, threads=1, job_size=1 << 20)
+    return zstandard.ZstdCompressor(compression_params=params)
+
+
 class IndexWriter:
-    """Writes index records, zstd-compressed at level 1 (it is rewritten every run) on
-    zstd's own thread, beside the walk."""
+    """Writes index records, zstd-compressed at level 1: it is rewritten every run."""
 
     def __init__(self, sink: BinaryIO) -> None:
         self._sink = sink
-        compressor = zstandard.ZstdCompressor(level=1, threads=1)
-        self._zstd = compressor.stream_writer(sink, closefd=False)
+        self._zstd = background_compressor(1).stream_writer(sink, closefd=False)
         self._buffer = bytearray(_MAGIC)
 
     def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:

@@ -19,8 +19,6 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import BinaryIO
 
-import zstandard
-
 from agent import age
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_lines
 from agent.repository import Repository
@@ -28,6 +26,7 @@ from agent.state import (
     CatalogCache,
     Indexed,
     IndexWriter,
+    background_compressor,
     fingerprint,
     indexed,
     read_index,
@@ -210,7 +209,7 @@ class _Catalog:
         self._sink = HashingSink(self._stack.enter_context(open_writer(self._name)))
         self._encryptor = age.Encryptor(self._sink, recipients)
         self._local = self._stack.enter_context(cache.open_temp(snapshot_id))
-        self._zstd = zstandard.ZstdCompressor(level=3, threads=1).stream_writer(
+        self._zstd = background_compressor(3).stream_writer(
             _Tee(self._encryptor, self._local), closefd=False
         )
         self._index = IndexWriter(self._stack.enter_context(cache.open_index_temp(snapshot_id)))
