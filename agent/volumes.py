@@ -216,6 +216,13 @@ class VolumeWriter:
         while len(self._in_flight) > IN_FLIGHT:
             self._write_oldest()
 
+    def flush(self) -> None:
+        """Cut the open frame and write every frame, so that every member added so far
+        has its location: for a caller whose backlog waits on them."""
+        self._cut_frame()
+        while self._in_flight:
+            self._write_oldest()
+
     def _write_oldest(self) -> None:
         index, future = self._in_flight.popleft()
         compressed = future.result()

@@ -50,6 +50,11 @@ from broker.snapshot import (
 )
 from broker.types import utcnow
 
+# Catalog lines held back, at most, behind a member whose frame is not written yet: a few
+# changed files amid unchanged ones would otherwise keep one frame open for a long
+# stretch of the walk and hold every line after them (about 1 KiB each) in memory.
+BACKLOG = 4096
+
 Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
 
 
@@ -336,6 +341,9 @@ class _Run:
                 self._count_unchanged(found.stat)  # its line, as it was: nothing decoded
                 if ordered:
                     ordered.append(_Line(None, found.key, stamp, before))
+                    if len(ordered) >= BACKLOG:
+                        self.volumes.flush()  # a frame cut early costs less than the wait
+                        self._emit_located(catalog)
                 else:
                     catalog.reuse(before)
                     self.referenced.add(before.volume)

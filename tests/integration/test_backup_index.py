@@ -131,3 +131,28 @@ def test_with_the_index_no_catalog_line_is_decoded(tmp_path, monkeypatch):
     monkeypatch.setattr("agent.catalog.decode_line", refuse)
     again = node.backup().record
     assert again.stats.files_unchanged == again.stats.files == 7
+
+
+def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch):
+    """One changed file amid many unchanged ones: its frame is cut early rather than
+    holding every following line until a megabyte of new data arrives."""
+    from agent.actions import backup
+    from agent.volumes import VolumeWriter
+
+    node = local_node(tmp_path)
+    many = node.source / "many"
+    many.mkdir()
+    for number in range(60):
+        (many / f"{number:02d}").write_text(f"file {number}\n")
+    node.backup()
+    (node.source / "data" / "name with spaces, ünïcode\nand newline").write_text("changed\n")
+    flushes = []
+    flush = VolumeWriter.flush
+    monkeypatch.setattr(backup, "BACKLOG", 8)
+    monkeypatch.setattr(VolumeWriter, "flush", lambda self: (flushes.append(1), flush(self)))
+    again = node.backup().record
+    assert flushes, "the backlog never forced a frame out"
+    assert again.stats.files_changed == 1 and again.stats.files_unchanged == 66
+    out = tmp_path / "out"
+    assert node.restore(out).errors == []
+    assert tree_state(restored_root(out, node.source)) == tree_state(node.source)
