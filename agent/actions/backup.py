@@ -1,9 +1,10 @@
 """`muster backup`: one snapshot of a job, full or incremental, in one streaming pass.
 
-The walk is merged against the previous catalog (read from the local cache, or from
-storage when the cache is gone): an entry whose size, times, inode and mode are unchanged
-keeps its earlier location and its data is not read at all. Everything else is read once,
-hashed and appended to the current volume. The snapshot record is written last.
+The walk is merged against the previous catalog (its local index, else the cached
+catalog, else the catalog in storage): an entry whose size, times, inode and mode are
+unchanged keeps its earlier line, copied byte for byte, and its data is not read at all.
+Everything else is read once, hashed and appended to the current volume. The snapshot
+record is written last.
 """
 
 import contextlib
@@ -300,7 +301,7 @@ class _Run:
         self._bytes_done = 0
         self._unchanged = [0, 0, 0]  # files, their bytes, directories
 
-    def execute(self, previous: Iterator[tuple[Entry, bytes]]) -> ObjectInfo:
+    def execute(self, previous: Iterator[Indexed]) -> ObjectInfo:
         sources = self.job.sources
         walk = Walk(sources.paths, sources.excludes, sources.one_file_system)
         open_writer: OpenWriter = self.repo.open_writer
