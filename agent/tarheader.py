@@ -6,6 +6,8 @@ pax extended records are added only when ustar cannot hold a value (long or non-
 names, large sizes or ids), as GNU tar does, so any tar reads the volumes.
 """
 
+import struct
+
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 
@@ -34,15 +36,65 @@ def member_header(
     gname: str = "",
 ) -> bytes:
     """The header block(s) of one member: a pax extended header first when needed."""
+    uname_b, gname_b = uname.encode(), gname.encode()
+    mtime = max(mtime, 0)
+    if (
+        len(name) <= 100
+        and len(linkname) <= 100
+        and len(uname_b) <= 32
+        and len(gname_b) <= 32
+        and size <= _MAX_OCTAL_12
+        and mtime <= _MAX_OCTAL_12
+        and 0 <= uid <= _MAX_OCTAL_8
+        and 0 <= gid <= _MAX_OCTAL_8
+    ):  # the common case, in one pack: no pax records needed
+        numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode & 0o7777, uid, gid, size, mtime)
+        # zeros add nothing: summing the short fields costs a tenth of summing the block
+        checksum = _FIXED_SUM + kind[0]
+        checksum += sum(name) + sum(numbers) + sum(linkname) + sum(uname_b) + sum(gname_b)
+        return _USTAR.pack(
+            name,
+            numbers,
+            b"%06o\0 " % checksum,
+            kind,
+            linkname,
+            _MAGIC,
+            uname_b,
+            gname_b,
+            _DEVICES,
+        )
+    return _with_pax(name, kind, mode, uid, gid, size, mtime, linkname, uname_b, gname_b)
+
+
+# name; mode, uid, gid, size and mtime; checksum; type; linkname; magic and version;
+# uname; gname; devmajor and devminor; then zeros (prefix, padding)
+_USTAR = struct.Struct("100s48s8sc100s8s32s32s16s167x")
+_MAGIC = b"ustar\x0000"
+_DEVICES = b"0000000\x0000000\x00"  # as the first ustar writer here wrote them
+_FIXED_SUM = sum(b" " * 8) + sum(_MAGIC) + sum(_DEVICES)  # the checksum counts as spaces
+
+
+def _with_pax(
+    name: bytes,
+    kind: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    linkname: bytes,
+    uname_b: bytes,
+    gname_b: bytes,
+) -> bytes:
     records: list[tuple[bytes, bytes]] = []
     name = _field(name, 100, b"path", records)
     linkname = _field(linkname, 100, b"linkpath", records)
-    uname_b = _field(uname.encode(), 32, b"uname", records)
-    gname_b = _field(gname.encode(), 32, b"gname", records)
+    uname_b = _field(uname_b, 32, b"uname", records)
+    gname_b = _field(gname_b, 32, b"gname", records)
     size_f = _number(size, 12, _MAX_OCTAL_12, b"size", records)
     uid_f = _number(uid, 8, _MAX_OCTAL_8, b"uid", records)
     gid_f = _number(gid, 8, _MAX_OCTAL_8, b"gid", records)
-    mtime_f = _number(max(mtime, 0), 12, _MAX_OCTAL_12, b"mtime", records)
+    mtime_f = _number(mtime, 12, _MAX_OCTAL_12, b"mtime", records)
     block = _block(
         name,
         kind,

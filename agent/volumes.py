@@ -5,15 +5,20 @@ new frame at the first member boundary past `FRAME_TARGET` bytes (and inside mem
 every `FRAME_MAX` bytes), so that one file can later be restored by fetching only the age
 chunks that hold its frames. Frames are compressed on a thread pool while the next one
 fills; at most `IN_FLIGHT` frames are held, so memory does not grow with the data.
+Compressed frames are encrypted, hashed and written on one writer thread, in order (all
+three release the GIL), so the walk and the tar stream go on meanwhile; at most
+`WRITES_QUEUED` frames wait for it. Locations depend only on compressed sizes, so they
+are known before the bytes are written; nothing is visible before the volume commits.
 """
 
 import contextlib
 import hashlib
+import io
 import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -21,13 +26,14 @@ import zstandard
 
 from agent import age
 from agent.catalog import Entry, Location
-from agent.tarheader import END_OF_ARCHIVE, padding
+from agent.tarheader import BLOCK, END_OF_ARCHIVE
 from agent.throttle import OpenWriter
 from broker.snapshot import VolumeInfo, volume_name
 
 FRAME_TARGET = 1 << 20
 FRAME_MAX = 4 << 20
 IN_FLIGHT = 4
+WRITES_QUEUED = 2
 READ_SIZE = 1 << 20
 
 
@@ -98,6 +104,7 @@ class VolumeWriter:
         level: int,
         target_size: int,
         pool: ThreadPoolExecutor,
+        writer: ThreadPoolExecutor,
         on_read: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._open_writer = open_writer
@@ -106,6 +113,9 @@ class VolumeWriter:
         self._level = level
         self._target = target_size
         self._pool = pool
+        self._writer = writer  # one thread: writes stay in order
+        self._read_buffer = bytearray(READ_SIZE)
+        self._writes: deque[Future[int]] = deque()
         self._on_read = on_read  # progress: file bytes as they are read
         self._volume: _Volume | None = None
         self._number = 0
@@ -140,24 +150,45 @@ class VolumeWriter:
         self._pending.append(pending)  # first, so its first frame's offset is kept
         self._frame += header
         warnings = self._copy(entry, content) if content is not None else []
-        self._frame += padding(size)
+        pad = -size % BLOCK
+        if pad:
+            self._frame += bytes(pad)
         pending.last_frame = self._frame_index
-        volume.tar_bytes += len(header) + size + len(padding(size))
+        volume.tar_bytes += len(header) + size + pad
         volume.members += 1
         if size > self._target:
             self.finish_volume()  # a file bigger than the target has a volume of its own
         return warnings
 
     def _copy(self, entry: Entry, content: BinaryIO) -> list[str]:
-        digest, remaining = hashlib.sha256(), entry.size
+        size = entry.size
+        if size <= READ_SIZE:  # most files: one read, one hash, no loop
+            chunk = content.read(size)
+            if len(chunk) == size:
+                entry.sha256 = hashlib.sha256(chunk).hexdigest()
+                self._frame += chunk
+                self._on_read(size)
+                if len(self._frame) >= FRAME_MAX:
+                    self._cut_frame()
+                return []
+            return self._copy_rest(entry, content, chunk)
+        return self._copy_rest(entry, content, b"")
+
+    def _copy_rest(self, entry: Entry, content: BinaryIO, first: bytes) -> list[str]:
+        """Large files, read into one reused buffer (no allocation per read), and files
+        that shrank under us (`first`: what a single read got of them)."""
+        digest, remaining = hashlib.sha256(first), entry.size - len(first)
+        self._frame += first
+        self._on_read(len(first))
+        view = memoryview(self._read_buffer)
         while remaining:
-            chunk = content.read(min(READ_SIZE, remaining))
-            if not chunk:
+            count = content.readinto(view[: min(READ_SIZE, remaining)])  # type: ignore[attr-defined]
+            if not count:
                 break
-            digest.update(chunk)
-            self._frame += chunk
-            remaining -= len(chunk)
-            self._on_read(len(chunk))
+            digest.update(view[:count])
+            self._frame += view[:count]
+            remaining -= count
+            self._on_read(count)
             if len(self._frame) >= FRAME_MAX:
                 self._cut_frame()
         warnings = []
@@ -185,14 +216,23 @@ class VolumeWriter:
         while len(self._in_flight) > IN_FLIGHT:
             self._write_oldest()
 
+    def flush(self) -> None:
+        """Cut the open frame and write every frame, so that every member added so far
+        has its location: for a caller whose backlog waits on them."""
+        self._cut_frame()
+        while self._in_flight:
+            self._write_oldest()
+
     def _write_oldest(self) -> None:
         index, future = self._in_flight.popleft()
         compressed = future.result()
         volume = self._current()
         volume.frame_starts[index] = volume.position
-        volume.encryptor.write(compressed)
+        self._writes.append(self._writer.submit(volume.encryptor.write, compressed))
         volume.position += len(compressed)
         self._locate(volume, written_through=index)
+        while len(self._writes) > WRITES_QUEUED:
+            self._writes.popleft().result()  # raises what the writer met
 
     def _locate(self, volume: _Volume, written_through: int) -> None:
         header_length = volume.encryptor.header_length
@@ -237,6 +277,8 @@ class VolumeWriter:
         self._cut_frame()
         while self._in_flight:
             self._write_oldest()
+        while self._writes:
+            self._writes.popleft().result()
         volume.encryptor.close()
         volume.stack.close()  # commits: the object becomes visible only now
         self.finished.append(
@@ -255,6 +297,10 @@ class VolumeWriter:
         for _, future in self._in_flight:
             future.cancel()
         self._in_flight.clear()
+        for write in self._writes:
+            write.cancel()
+        wait(self._writes)  # the one being written: its sink is about to be discarded
+        self._writes.clear()
         if self._volume is not None:
             self._volume.stack.__exit__(type(error), error, error.__traceback__)
             self._volume = None
@@ -267,4 +313,4 @@ def open_for_reading(path: str) -> BinaryIO:
         fd = os.open(path, flags)
     except PermissionError:
         fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
-    return os.fdopen(fd, "rb", buffering=0)
+    return io.FileIO(fd, "r")  # unbuffered: every read is one whole-file-sized syscall

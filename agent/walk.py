@@ -3,21 +3,27 @@
 Directories are read with `scandir` and visited depth-first with names sorted as bytes,
 which is exactly the catalog's component order, so the walk can be merged against the
 previous catalog as two streams. Only metadata is read here (lstat), never file data.
+
+The walk is the floor of a no-change backup, so it is iterative (a recursive generator
+costs one frame per level for every entry) and hands out each entry's sort key, built
+from its parent's, so nobody encodes a path twice.
 """
 
 import fnmatch
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.catalog import sort_key
 
+S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
 
-@dataclass(frozen=True, slots=True)
-class Found:
+
+class Found(NamedTuple):  # a tuple: built once per entry, the cheapest record there is
     path: str
     stat: os.stat_result
+    key: bytes  # `catalog.sort_key(path)`
 
 
 class Walk:
@@ -38,37 +44,62 @@ class Walk:
             except OSError as error:
                 self.warnings.append(f"{root}: source not backed up: {error.strerror}")
                 continue
-            yield from self._visit(root, info, info.st_dev)
+            yield from self._tree(Found(root, info, sort_key(root)))
 
-    def _visit(self, path: str, info: os.stat_result, device: int) -> Iterator[Found]:
-        mode = info.st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-            self.warnings.append(f"{path}: skipped {_kind(mode)}")
+    def _tree(self, root: Found) -> Iterator[Found]:
+        """The root, then everything under it, depth-first, with an explicit stack."""
+        if not self._kept(root):
             return
-        yield Found(path, info)
-        if not stat.S_ISDIR(mode) or (self._one_file_system and info.st_dev != device):
+        yield root
+        if not stat.S_ISDIR(root.stat.st_mode):
             return
-        for child_path, child in self._children(path):
-            yield from self._visit(child_path, child, device)
+        device = root.stat.st_dev
+        stack = [iter(self._children(root))]
+        while stack:
+            for child in stack[-1]:
+                mode = child.stat.st_mode
+                if S_ISDIR(mode):
+                    yield child
+                    if not (self._one_file_system and child.stat.st_dev != device):
+                        stack.append(iter(self._children(child)))
+                        break
+                elif S_ISREG(mode) or S_ISLNK(mode) or self._kept(child):
+                    yield child
+            else:
+                stack.pop()
 
-    def _children(self, directory: str) -> list[tuple[str, os.stat_result]]:
-        children = []
+    def _kept(self, found: Found) -> bool:
+        mode = found.stat.st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            return True
+        self.warnings.append(f"{found.path}: skipped {_kind(mode)}")
+        return False
+
+    def _children(self, directory: Found) -> list[Found]:
+        """Sorted by name bytes: within one directory, the same order as the keys."""
+        children: list[tuple[bytes, Found]] = []
+        prefix = directory.path.rstrip("/") + "/"
+        key_prefix = directory.key.rstrip(b"\0") + b"\0"
         try:
-            with os.scandir(directory) as listing:
+            with os.scandir(directory.path) as listing:
                 for item in listing:
-                    path = os.path.join(directory, item.name)
-                    if self._excluded(path, item.name):
+                    name = item.name
+                    path = prefix + name
+                    if self._excludes and self._excluded(path, name):
                         continue
                     try:
-                        children.append((path, item.stat(follow_symlinks=False)))
+                        info = item.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # vanished between listing and stat: it is simply gone
                     except OSError as error:
                         self.warnings.append(f"{path}: {error.strerror}")
+                        continue
+                    raw = name.encode("utf-8", "surrogateescape")  # os.fsencode, inlined
+                    children.append((raw, Found(path, info, key_prefix + raw)))
         except OSError as error:
-            self.warnings.append(f"{directory}: cannot list: {error.strerror}")
-        children.sort(key=lambda pair: os.fsencode(pair[0]))
-        return children
+            self.warnings.append(f"{directory.path}: cannot list: {error.strerror}")
+        children.sort()  # by name bytes: names are unique, so entries never compare
+        return [found for _, found in children]
 
     def _excluded(self, path: str, name: str) -> bool:
         """Patterns with a '/' match the whole path, others the name, as in restic."""

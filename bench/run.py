@@ -63,6 +63,9 @@ class Sample:
     peak_kib: int
     ok: bool
     detail: dict[str, Any] = field(default_factory=dict)
+    # user + system CPU seconds of the process and the children it waited for: on a
+    # shared machine wall time follows the load, CPU time much less
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -117,7 +120,7 @@ class Runner:
         os.sync()  # untimed: no tool pays for the writeback of the one before it
         stem = self.logs / f"{self.count:04d}-{name}"
         timing = stem.with_suffix(".time")
-        argv = ["/usr/bin/time", "-f", "%M", "-o", str(timing), *argv]
+        argv = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(timing), *argv]
         with (
             open(stem.with_suffix(".out"), "wb") as out,
             open(stem.with_suffix(".err"), "wb") as err,
@@ -144,16 +147,13 @@ class Runner:
             seconds = time.perf_counter() - started
             if expired.is_set():
                 code = -9
-        peak = 0
-        if timing.exists():
-            lines = timing.read_text().split()
-            peak = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+        peak, cpu = _time_report(timing)
         detail: dict[str, Any] = {"returncode": code, "log": str(stem)}
         if code not in ok_codes:
             detail["stderr"] = _tail(stem.with_suffix(".err"))
             if code == -9:
                 detail["stderr"] = f"killed after the {self.timeout:.0f} s timeout"
-        return Sample(seconds, peak, code in ok_codes, detail)
+        return Sample(seconds, peak, code in ok_codes, detail, cpu)
 
     def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         """An untimed setup step; it must succeed."""
@@ -163,6 +163,18 @@ class Runner:
         if result.returncode != 0:
             raise BenchError(f"{shlex.join(argv)} failed:\n{result.stderr[-2000:]}")
         return result
+
+
+def _time_report(timing: Path) -> tuple[int, float]:
+    """Peak RSS (KiB) and user + system seconds from `/usr/bin/time -f "%M %U %S"`, whose
+    last line they are (a line about the exit status may come first)."""
+    lines = timing.read_text().splitlines() if timing.exists() else []
+    fields = lines[-1].split() if lines else []
+    try:
+        peak, user, system = int(fields[0]), float(fields[1]), float(fields[2])
+    except (IndexError, ValueError):
+        return 0, 0.0
+    return peak, user + system
 
 
 def _tail(path: Path, limit: int = 600) -> str:
@@ -468,7 +480,7 @@ class Bench:
             state += f", {errors} errors: {sample.detail.get('error_samples', [''])[0][:200]}"
         self.log(
             f"  {scenario:<13} {tool:<7} {sample.seconds:8.2f} s "
-            f"{sample.peak_kib / 1024:7.1f} MiB  {state}"
+            f"{sample.cpu_seconds:7.2f} s CPU {sample.peak_kib / 1024:7.1f} MiB  {state}"
         )
 
     def round(self, number: int) -> None:
@@ -828,6 +840,12 @@ def median(samples: list[Sample]) -> float | None:
     return statistics.median(s.seconds for s in samples) if samples else None
 
 
+def cpu_median(samples: list[Sample]) -> float | None:
+    """None for results recorded before CPU time was measured."""
+    values = [s.cpu_seconds for s in samples if s.cpu_seconds]
+    return statistics.median(values) if values else None
+
+
 def detail_median(samples: list[Sample], key: str) -> float | None:
     values = [s.detail[key] for s in samples if isinstance(s.detail.get(key), int | float)]
     return statistics.median(values) if values else None
@@ -1064,7 +1082,10 @@ def render(bench: Bench) -> str:
         "tool, and each tool keeps its own cache (restic's cache directory, borg's files "
         "cache, Muster's catalog cache).",
         "- Seconds are wall time of the whole process (start-up included) as `/usr/bin/time` "
-        "runs it; peak memory is its maximum RSS (for the pipeline: of its largest process).",
+        "runs it; CPU is its user + system seconds, the children it waited for included "
+        "(for the pipeline: every stage), which a shared machine disturbs much less than "
+        "wall time; peak memory is its maximum RSS (for the pipeline: of its largest "
+        "process).",
         "- Muster runs through `python -m bench.muster_step`, which calls `run_backup`, "
         "`run_restore` and `run_verify` and counts what it reads through the Repository.",
         "- Before every timed step the runner calls `sync` (untimed), so no tool pays for "
@@ -1137,11 +1158,13 @@ def _scenario_table(bench: Bench, scenario: Scenario) -> list[str]:
         "full_restore": "Tree",
         "full": "Repo (MiB)",
     }.get(scenario.key)
+    base_cpu = cpu_median(results.get(scenario.baseline, []))
     header = (
-        f"| Tool | Seconds (median) | Range | x {TOOL_NAMES[scenario.baseline]} | Peak RSS (MiB)"
+        f"| Tool | Seconds (median) | Range | x {TOOL_NAMES[scenario.baseline]} "
+        f"| CPU s, user+sys (median) | CPU x {TOOL_NAMES[scenario.baseline]} | Peak RSS (MiB)"
     )
     lines = [f"### {scenario.title}", "", header + (f" | {extra} |" if extra else " |")]
-    lines.append("| --- " * (5 + bool(extra)) + "|")
+    lines.append("| --- " * (7 + bool(extra)) + "|")
     for tool in scenario.tools:
         samples = results.get(tool, [])
         if not samples:
@@ -1152,7 +1175,13 @@ def _scenario_table(bench: Bench, scenario: Scenario) -> list[str]:
         name = TOOL_NAMES[tool] + (
             f" (errors in {failed} of {len(samples)} runs)" if failed else ""
         )
-        row = f"| {name} | {_seconds(samples)} | {_spread(samples)} | {ratio} | {_peak(samples)}"
+        cpu = cpu_median(samples)
+        cpu_ratio = f"{cpu / base_cpu:.2f}" if cpu and base_cpu else "-"
+        cpu_text = f"{cpu:.2f}" if cpu else "-"
+        row = (
+            f"| {name} | {_seconds(samples)} | {_spread(samples)} | {ratio} | {cpu_text} "
+            f"| {cpu_ratio} | {_peak(samples)}"
+        )
         if scenario.key == "change1":
             added = detail_median(samples, "repo_bytes_added")
             row += f" | {added / MIB:.2f}" if added is not None else " | -"

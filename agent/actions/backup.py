@@ -1,9 +1,10 @@
 """`muster backup`: one snapshot of a job, full or incremental, in one streaming pass.
 
-The walk is merged against the previous catalog (read from the local cache, or from
-storage when the cache is gone): an entry whose size, times, inode and mode are unchanged
-keeps its earlier location and its data is not read at all. Everything else is read once,
-hashed and appended to the current volume. The snapshot record is written last.
+The walk is merged against the previous catalog (its local index, else the cached
+catalog, else the catalog in storage): an entry whose size, times, inode and mode are
+unchanged keeps its earlier line, copied byte for byte, and its data is not read at all.
+Everything else is read once, hashed and appended to the current volume. The snapshot
+record is written last.
 """
 
 import contextlib
@@ -19,12 +20,19 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import BinaryIO
 
-import zstandard
-
 from agent import age
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_lines
 from agent.repository import Repository
-from agent.state import CatalogCache
+from agent.state import (
+    CatalogCache,
+    Indexed,
+    IndexWriter,
+    background_compressor,
+    fingerprint,
+    indexed,
+    read_index,
+    stat_fingerprint,
+)
 from agent.tarheader import DIRECTORY as TAR_DIRECTORY
 from agent.tarheader import HARDLINK as TAR_HARDLINK
 from agent.tarheader import REGULAR, member_header
@@ -42,6 +50,11 @@ from broker.snapshot import (
     snapshot_of,
 )
 from broker.types import utcnow
+
+# Catalog lines held back, at most, behind a member whose frame is not written yet: a few
+# changed files amid unchanged ones would otherwise keep one frame open for a long
+# stretch of the walk and hold every line after them (about 1 KiB each) in memory.
+BACKLOG = 4096
 
 Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
 
@@ -94,7 +107,7 @@ def _backup(
     recipients = recipients_for(job, identity)
     run = _Run(job, repo, snapshot_id, recipients, cache, progress)
     with contextlib.ExitStack() as stack:
-        previous = iter(()) if full else _previous_lines(repo, parent, cache, identity, stack)
+        previous = iter(()) if full else _previous_entries(repo, parent, cache, identity, stack)
         catalog = run.execute(previous)
     record = SnapshotRecord(
         id=snapshot_id,
@@ -129,39 +142,66 @@ def _oldest_first(volumes: set[str], history: list[SnapshotRecord]) -> list[str]
     return sorted(volumes, key=lambda name: (started.get(snapshot_of(name) or "", oldest), name))
 
 
-def _previous_lines(
+def _previous_entries(
     repo: Repository,
     parent: SnapshotRecord,
     cache: CatalogCache,
     identity: age.Identity,
     stack: contextlib.ExitStack,
-) -> Iterator[tuple[Entry, bytes]]:
+) -> Iterator[Indexed]:
+    """The parent's entries: from the local index when this node wrote one, else decoded
+    from the cached catalog, else from the catalog in storage."""
+    index = cache.index(parent.id)
+    if index is not None:
+        records = read_index(stack.enter_context(index.open("rb")))
+        if records is not None:
+            return records
     cached = cache.path(parent.id)
     if cached is not None:
-        return read_lines(stack.enter_context(cached.open("rb")))
+        return _indexed(read_lines(stack.enter_context(cached.open("rb"))))
     encrypted = stack.enter_context(repo.get(catalog_name(parent.id)))
-    return read_lines(stack.enter_context(age.Decryptor(encrypted, [identity])))
+    return _indexed(read_lines(stack.enter_context(age.Decryptor(encrypted, [identity]))))
+
+
+def _indexed(lines: Iterator[tuple[Entry, bytes]]) -> Iterator[Indexed]:
+    """Catalog lines as index records; an entry without a location never matches."""
+    for entry, line in lines:
+        if entry.location is not None:
+            kind = _MODE_TYPES[entry.type]
+            stamp = fingerprint(
+                kind | entry.mode, entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode
+            )
+            yield indexed(entry.key, stamp, line, entry.location.volume)
+
+
+_MODE_TYPES = {
+    FILE: stat.S_IFREG,
+    HARDLINK: stat.S_IFREG,  # a second name of a regular file: the walk sees a file
+    DIRECTORY: stat.S_IFDIR,
+    SYMLINK: stat.S_IFLNK,
+}
 
 
 class _Previous:
-    """The previous catalog as a stream of (entry, line), advanced in step with the walk."""
+    """The previous catalog as a stream of index records, advanced in step with the walk."""
 
-    def __init__(self, lines: Iterator[tuple[Entry, bytes]]) -> None:
-        self._lines = lines
+    def __init__(self, records: Iterator[Indexed]) -> None:
+        self._records = records
         self._advance()
 
     def _advance(self) -> None:
-        self._next = next(self._lines, None)
-        self._key = self._next[0].key if self._next is not None else None
+        self._next = next(self._records, None)
+        self._key = self._next.key if self._next is not None else None
 
-    def find(self, key: bytes) -> tuple[Entry, bytes] | None:
+    def find(self, key: bytes) -> Indexed | None:
         while self._key is not None and self._key < key:
             self._advance()
         return self._next if self._key == key else None
 
 
 class _Catalog:
-    """The catalog being written: age-encrypted to storage and plain to the local cache."""
+    """The catalog being written: age-encrypted to storage, plain to the local cache,
+    and as an index (key, fingerprint, line) next to it for the next run."""
 
     def __init__(
         self,
@@ -175,12 +215,22 @@ class _Catalog:
         self._sink = HashingSink(self._stack.enter_context(open_writer(self._name)))
         self._encryptor = age.Encryptor(self._sink, recipients)
         self._local = self._stack.enter_context(cache.open_temp(snapshot_id))
-        self._zstd = zstandard.ZstdCompressor(level=3).stream_writer(
+        self._zstd = background_compressor(3).stream_writer(
             _Tee(self._encryptor, self._local), closefd=False
         )
+        self._index = IndexWriter(self._stack.enter_context(cache.open_index_temp(snapshot_id)))
         self._lines = bytearray()
 
-    def write(self, line: bytes) -> None:
+    def write(self, line: bytes, key: bytes, stamp: bytes, volume: str) -> None:
+        self._index.add(key, stamp, line, volume)
+        self._add(line)
+
+    def reuse(self, before: Indexed) -> None:
+        """An unchanged entry: its previous line and index record, copied as they were."""
+        self._index.copy(before.record)
+        self._add(before.line)
+
+    def _add(self, line: bytes) -> None:
         self._lines += line
         if len(self._lines) >= 1 << 18:  # one compressor call per 256 KiB, not per line
             self._zstd.write(self._lines)
@@ -192,6 +242,7 @@ class _Catalog:
         self._encryptor.close()
         self._local.flush()
         os.fsync(self._local.fileno())
+        self._index.close()
         self._stack.close()
         return ObjectInfo(
             name=self._name, size=self._sink.size, sha256=self._sink.sha256.hexdigest()
@@ -209,6 +260,17 @@ class _Tee:
         for sink in self._sinks:
             sink.write(data)
         return len(data)
+
+
+@dataclass(slots=True)
+class _Line:
+    """A catalog line waiting for its turn: a stored entry, whose line is encoded once
+    its member has a location, or an unchanged entry's previous line, as it was."""
+
+    entry: Entry | None
+    key: bytes
+    stamp: bytes
+    before: Indexed | None = None
 
 
 class _Run:
@@ -233,18 +295,22 @@ class _Run:
         self.warnings: list[str] = []
         self.referenced: set[str] = set()
         self.volumes: VolumeWriter
-        self._ordered: deque[tuple[Entry, bytes | None]] = deque()
+        self._ordered: deque[_Line] = deque()
         self._links: dict[tuple[int, int], tuple[Entry, int]] = {}
         self._files_done = 0
         self._bytes_done = 0
+        self._unchanged = [0, 0, 0]  # files, their bytes, directories
 
-    def execute(self, previous: Iterator[tuple[Entry, bytes]]) -> ObjectInfo:
+    def execute(self, previous: Iterator[Indexed]) -> ObjectInfo:
         sources = self.job.sources
         walk = Walk(sources.paths, sources.excludes, sources.one_file_system)
         open_writer: OpenWriter = self.repo.open_writer
         if self.job.bandwidth_limit:
             open_writer = paced(open_writer, Throttle(int(self.job.bandwidth_limit)))
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool:
+        with (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-writer") as writer,
+        ):
             self.volumes = VolumeWriter(
                 open_writer,
                 self.snapshot_id,
@@ -252,6 +318,7 @@ class _Run:
                 level=self.job.compression_level,
                 target_size=self.job.volume_size,
                 pool=pool,
+                writer=writer,
                 on_read=self._read,
             )
             catalog = _Catalog(open_writer, self.snapshot_id, self.recipients, self.cache)
@@ -267,29 +334,64 @@ class _Run:
         return info
 
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
+        ordered = self._ordered
         for found in walk:
-            entry = _entry(found)
-            line = None
-            match = previous.find(entry.key)
-            before = match[0] if match else None
-            if before is not None and before.location and entry.unchanged_since(before):
-                entry, line, change = before, match[1], "unchanged"  # its line, as it was
-            elif self._store(entry, found):
-                change = "new" if before is None else "changed"
-            else:
+            before = previous.find(found.key)
+            stamp = stat_fingerprint(found.stat)
+            if before is not None and before.fingerprint == stamp:
+                self._count_unchanged(found.stat)  # its line, as it was: nothing decoded
+                if ordered:
+                    ordered.append(_Line(None, found.key, stamp, before))
+                    if len(ordered) >= BACKLOG:
+                        self.volumes.flush()  # a frame cut early costs less than the wait
+                        self._emit_located(catalog)
+                else:
+                    catalog.reuse(before)
+                    self.referenced.add(before.volume)
                 continue
-            self._count(entry, change)
-            self._ordered.append((entry, line))
-            self._emit_located(catalog)
+            entry = _entry(found)
+            if self._store(entry, found):
+                self._count(entry, "new" if before is None else "changed")
+                ordered.append(_Line(entry, found.key, stamp))
+                self._emit_located(catalog)
         self.volumes.finish_volume()
         self._emit_located(catalog)
+        self._tally_unchanged()
 
     def _emit_located(self, catalog: _Catalog) -> None:
         """Catalog lines leave in walk order, each once its member has a location."""
-        while self._ordered and self._ordered[0][0].location is not None:
-            entry, line = self._ordered.popleft()
-            self.referenced.add(entry.location.volume)  # type: ignore[union-attr]
-            catalog.write(line or encode_line(entry))
+        ordered = self._ordered
+        while ordered:
+            head = ordered[0]
+            if head.before is not None:
+                catalog.reuse(head.before)
+                volume = head.before.volume
+            else:
+                entry = head.entry
+                if entry is None or entry.location is None:
+                    return
+                volume = entry.location.volume
+                catalog.write(encode_line(entry), head.key, head.stamp, volume)
+            ordered.popleft()
+            self.referenced.add(volume)
+
+    def _count_unchanged(self, info: os.stat_result) -> None:
+        """Plain counters, added to the tally once at the end: this runs for every
+        unchanged entry, the whole of a no-change backup."""
+        mode = info.st_mode
+        if stat.S_ISREG(mode):
+            self._unchanged[0] += 1
+            self._unchanged[1] += info.st_size
+            self._files_done += 1
+            self._bytes_done += info.st_size
+            if self.progress:
+                self._report()
+        elif stat.S_ISDIR(mode):
+            self._unchanged[2] += 1
+
+    def _tally_unchanged(self) -> None:
+        files, size, directories = self._unchanged
+        self.tally.update(files=files, bytes=size, files_unchanged=files, directories=directories)
 
     def _count(self, entry: Entry, change: str) -> None:
         if entry.type == DIRECTORY:
@@ -298,8 +400,6 @@ class _Run:
             self.tally["files"] += 1
             self.tally["bytes"] += entry.size
             self.tally[f"files_{change}"] += 1
-            if change == "unchanged":
-                self._bytes_done += entry.size
             self._files_done += 1
             self._report()
 

@@ -163,7 +163,10 @@ def test_the_cache_is_a_cache_incrementals_work_without_it(tmp_path, target):
     node = Node(tmp_path, target)
     make_tree(node.source)
     node.backup()
-    for cached in (tmp_path / "state").rglob("*.jsonl.zst"):
+    for cached in [
+        *(tmp_path / "state").rglob("*.jsonl.zst"),
+        *(tmp_path / "state").rglob("*.index"),
+    ]:
         cached.unlink()
     again = node.backup().record
     assert again.stats.files_unchanged == 7 and again.volumes == []

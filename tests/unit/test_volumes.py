@@ -1,7 +1,9 @@
 """VolumeWriter: frames, locations and volumes, read back by the standard stack."""
 
+import contextlib
 import io
 import tarfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,6 +32,21 @@ class Objects(dict):
                     store[name] = self.getvalue()
 
         return Writer()
+
+
+@contextlib.contextmanager
+def volume_writer(objects: Objects, *, level: int, target_size: int) -> Iterator[VolumeWriter]:
+    """A VolumeWriter with its compression pool and writer thread, as a backup runs it."""
+    with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as writes:
+        yield VolumeWriter(
+            objects.open_writer,
+            "20260101T000000Z-abcdef",
+            [KEY.recipient],
+            level=level,
+            target_size=target_size,
+            pool=pool,
+            writer=writes,
+        )
 
 
 def add_file(writer: VolumeWriter, path: str, data: bytes) -> Entry:
@@ -76,15 +93,7 @@ def member_at(volume: bytes, entry: Entry) -> bytes:
 def test_every_member_is_located_and_reads_back_alone(size):
     objects = Objects()
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    with ThreadPoolExecutor(2) as pool:
-        writer = VolumeWriter(
-            objects.open_writer,
-            "20260101T000000Z-abcdef",
-            [KEY.recipient],
-            level=1,
-            target_size=1 << 30,
-            pool=pool,
-        )
+    with volume_writer(objects, level=1, target_size=1 << 30) as writer:
         small = add_file(writer, "/a/small", b"before\n")
         big = add_file(writer, "/a/big", data)
         after = add_file(writer, "/a/after", b"after\n")
@@ -98,15 +107,7 @@ def test_every_member_is_located_and_reads_back_alone(size):
 
 def test_the_whole_volume_is_one_standard_tar_zst_age_stream():
     objects = Objects()
-    with ThreadPoolExecutor(2) as pool:
-        writer = VolumeWriter(
-            objects.open_writer,
-            "20260101T000000Z-abcdef",
-            [KEY.recipient],
-            level=3,
-            target_size=1 << 20,
-            pool=pool,
-        )
+    with volume_writer(objects, level=3, target_size=1 << 20) as writer:
         for number in range(40):
             add_file(writer, f"/files/{number:03d}", bytes([number]) * 100_000)
         writer.finish_volume()
@@ -119,3 +120,20 @@ def test_the_whole_volume_is_one_standard_tar_zst_age_stream():
         with tarfile.open(fileobj=plain, mode="r|") as archive:
             names += [member.name for member in archive]
     assert names == [f"files/{n:03d}" for n in range(40)]
+
+
+def test_with_frames_written_behind_the_tar_stream_every_location_holds_its_member():
+    """Frames are compressed in parallel and written on another thread: each member's
+    location, computed before its bytes reach storage, must still point at it."""
+    objects = Objects()
+    sizes = [(n * 7919) % 300_000 for n in range(120)]  # many frames, members across them
+    with volume_writer(objects, level=1, target_size=1 << 30) as writer:
+        entries = [
+            add_file(writer, f"/many/{n:03d}", bytes([n]) * size) for n, size in enumerate(sizes)
+        ]
+        writer.finish_volume()
+    (volume,) = objects.values()
+    frames = [entry.location.frame for entry in entries]
+    assert frames == sorted(frames) and len(set(frames)) > 10
+    for n, (entry, size) in enumerate(zip(entries, sizes, strict=True)):
+        assert member_at(volume, entry) == bytes([n]) * size
