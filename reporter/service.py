@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -82,17 +82,19 @@ class StoreUnavailable(Exception):
 
 
 def write_batch(
-    store: Store, messages: Sequence[AnyMessage], received: datetime, settings: ReporterSettings
+    store: Store,
+    messages: Sequence[AnyMessage],
+    received: datetime,
+    settings: ReporterSettings,
+    *,
+    fast: bool = True,
 ) -> set[int]:
     """Write what `messages` say; returns the indices of messages MongoDB refused for good.
 
-    Raises StoreUnavailable when the batch must be retried as a whole.
+    Raises StoreUnavailable when the batch must be retried as a whole. Without `fast`,
+    guarded pipelines only (see reporter.ingest).
     """
-    writes = build_writes(
-        messages,
-        received,
-        history=settings.overdue_history,
-    )
+    writes = build_writes(messages, received, history=settings.overdue_history, fast=fast)
     refused: set[int] = set()
     try:
         for name in ORDER:
@@ -106,8 +108,16 @@ def write_batch(
 
 
 def _bulk(store: Store, name: str, writes: list[Write], attempt: int = 0) -> set[int]:
+    """One unordered bulk write; returns the indices of messages refused for good.
+
+    A duplicate key means one of three things: an insert by message id that is already
+    there (done), a fast-path write whose document holds something newer (sent again as
+    its guarded pipeline), or two instances upserting one new document (sent again).
+    """
     try:
-        store.db[name].bulk_write([write.operation for write in writes], ordered=False)
+        store.db[name].bulk_write(
+            [write.fast or write.operation for write in writes], ordered=False
+        )
     except BulkWriteError as error:
         details = error.details
         if details.get("writeConcernErrors"):
@@ -117,9 +127,8 @@ def _bulk(store: Store, name: str, writes: list[Write], attempt: int = 0) -> set
         for problem in details.get("writeErrors", []):
             write = writes[problem["index"]]
             if problem.get("code") == DUPLICATE_KEY:
-                if write.duplicate_ok:
-                    continue  # an insert by message id that is already there
-                retry.append(write)  # two instances upserted the same new document
+                if not write.duplicate_ok:
+                    retry.append(replace(write, fast=None))
             else:
                 log.error("MongoDB refused a %s write: %s", name, problem.get("errmsg"))
                 refused.update(write.messages)
