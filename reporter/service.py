@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -48,8 +48,8 @@ from broker.messages import AnyMessage
 from broker.reporter_config import ReporterSettings
 from broker.topology import REPORTER_QUEUE
 from broker.types import utcnow
-from reporter.ingest import Write, build_writes
-from reporter.store import Store
+from reporter.ingest import Write, Writes, build_writes
+from reporter.store import LANES, Store
 from reporter.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,30 @@ def write_batch(
     guarded pipelines only (see reporter.ingest).
     """
     writes = build_writes(messages, received, history=settings.overdue_history, fast=fast)
+    lanes = [store.lanes.submit(_write_lane, store, writes, lane) for lane in range(1, LANES)]
+    try:
+        refused = _write_lane(store, writes, 0)
+    finally:
+        wait(lanes)  # a retry must not overlap a lane still writing
+    try:
+        for lane in lanes:
+            refused |= lane.result()
+        store.barrier()
+    except PyMongoError as error:
+        raise StoreUnavailable(str(error)) from error
+    return refused
+
+
+def _write_lane(store: Store, writes: Writes, lane: int) -> set[int]:
+    """Every `LANES`-th write of each collection, from the `lane`-th on. A batch holds one
+    write per document, so lanes never write the same document (but for alert history
+    inserts of one message delivered twice, where a duplicate means done)."""
     refused: set[int] = set()
     try:
         for name in ORDER:
-            batch = writes.by_collection.get(name)
+            batch = writes.by_collection.get(name, [])[lane::LANES]
             if batch:
                 refused |= _bulk(store, name, batch)
-        store.barrier()
     except PyMongoError as error:
         raise StoreUnavailable(str(error)) from error
     return refused
