@@ -361,6 +361,8 @@ def history_of_one_fleet(now: datetime) -> list[list[Message]]:
         [keep("b", 4, 4), result("a", "r2", at(70)), result("a", "r0", at(-5)), keep("a", 900, 9)],
         [result("a", "r4", at(80), status="failure"), status("a", "r2", 45, 0), announce],
         [result("a", "r5", at(90), "verify"), result("a", "r2", at(70)), keep("b", 6, 6)],
+        [status("a", "r6", 91, 1), result("a", "r6", at(95)), status("a", "r2", 46, 3), r1],
+        [status("a", "r6", 92, 2), result("a", "r6", at(95)), status("b", "r7", 93, 1)],
     ]
 
 
@@ -381,8 +383,8 @@ def test_the_fast_path_writes_what_the_guarded_pipelines_write(make_settings):
                              for f in (True, False))  # fmt: skip
             assert fast == guarded, collection
         job = stores[True].jobs.find_one({"_id": "a/etc"})
-        assert job["success_times"] == [now + timedelta(seconds=s) for s in (-5, 40, 70)]
-        assert job["last_success"]["run_id"] == "r2" and job["last_failure"]["run_id"] == "r4"
+        assert job["success_times"] == [now + timedelta(seconds=s) for s in (-5, 40, 70, 95)]
+        assert job["last_success"]["run_id"] == "r6" and job["last_failure"]["run_id"] == "r4"
         assert job["last_verify"]["run_id"] == "r5"
         assert job["last_verify_success"]["run_id"] == "r5"
         node = stores[True].nodes.find_one({"_id": "a"})
@@ -392,6 +394,8 @@ def test_the_fast_path_writes_what_the_guarded_pipelines_write(make_settings):
         r1 = stores[True].runs.find_one({"_id": "a/r1"})
         assert r1["final"] is True and r1["state"] == "success"
         assert stores[True].runs.find_one({"_id": "a/r2"})["progress"]["files_done"] == 1
+        r6 = stores[True].runs.find_one({"_id": "a/r6"})
+        assert r6["final"] is True and r6["first_status"] == now + timedelta(seconds=91)
     finally:
         for opened in stores.values():
             opened.client.drop_database(opened.db.name)
