@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import Any
 
 from pymongo import InsertOne, UpdateOne
@@ -68,13 +68,22 @@ def pick(condition: dict[str, Any], value: Any, current: str) -> dict[str, Any]:
 
 @dataclass
 class Write:
-    """One write for one collection, and which messages of the batch it carries."""
+    """One write for one collection, and which messages of the batch it carries.
+
+    `operation` (the write that is always right: a guarded pipeline for the documents that
+    have a fast path) is built by `build` when first needed: with the fast path it mostly
+    never is, and building the pipelines costs the reporter more than the fast writes.
+    """
 
     collection: str
-    operation: InsertOne | UpdateOne
+    build: Callable[[], InsertOne | UpdateOne]
     messages: list[int]
     duplicate_ok: bool = False  # an insert keyed by message id: a duplicate means "done"
     fast: UpdateOne | InsertOne | None = None  # tried first; on a duplicate key, `operation`
+
+    @cached_property
+    def operation(self) -> InsertOne | UpdateOne:
+        return self.build()
 
 
 def older_than(path: str, time: datetime) -> dict[str, Any]:
@@ -121,26 +130,27 @@ def build_writes(
                 jobs[(message.node, message.job)].append(index)
         elif isinstance(message, Alert):
             alerts[message.key].append(index)
-            writes.add(Write("alert_history", InsertOne(history_document(message)), [index], True))
+            insert = partial(InsertOne, history_document(message))
+            writes.add(Write("alert_history", insert, [index], True))
         else:
             writes.ignored.append(index)  # plans: the reporter's queue is not bound to them
     for node, indices in nodes.items():
         group = [messages[i] for i in indices]
-        guarded = node_update(node, group, received)
+        guarded = partial(node_update, node, group, received)
         quick = node_fast(node, group, received) if fast else None
         writes.add(Write("nodes", guarded, indices, fast=quick))
     for (node, run_id), indices in runs.items():
         group = [messages[i] for i in indices]
         quick = run_fast(node, run_id, group) if fast else None
-        writes.add(Write("runs", run_update(node, run_id, group), indices, fast=quick))
+        writes.add(Write("runs", partial(run_update, node, run_id, group), indices, fast=quick))
     for (node, job), indices in jobs.items():
         group = [messages[i] for i in indices]
-        guarded = job_update(node, job, group, history)
+        guarded = partial(job_update, node, job, group, history)
         quick = job_fast(node, job, group, history) if fast else None
         writes.add(Write("jobs", guarded, indices, fast=quick))
     for key, indices in alerts.items():
         group = [messages[i] for i in indices]
-        writes.add(Write("alerts", alert_update(key, group), indices))
+        writes.add(Write("alerts", partial(alert_update, key, group), indices))
     return writes
 
 
