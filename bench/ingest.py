@@ -402,7 +402,17 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-READING = """Reading these numbers: see docs/REPORTER.md ("Ingest throughput")."""
+READING = """Reading these numbers. *server µs/ev* is the MongoDB-protocol server's CPU per
+event; its inverse is the rate that server could take on a core of its own, and it is what
+the batch size changes: messages about one node or run in a batch become one write (200
+nodes), while with every message about another document (20,000 nodes) it is the server's
+cost per written document. *raw guarded* next to *raw* shows what the fast path saves
+(operators instead of pipelines, inserts for new runs). *share* is the reporter's rate as a
+part of the raw rate, the same documents written with nothing else to do: below 100% is
+RabbitMQ, decoding and acknowledging sharing the cores with the server (and here with
+whatever else runs on the machine: see the load average). Rates vary a lot from run to run
+on a shared machine, CPU per event much less. What limits the rate, what was tried and
+what it gave: docs/REPORTER.md, "Ingest rate"."""
 
 
 def main(argv: list[str] | None = None) -> int:
