@@ -161,6 +161,44 @@ def newest(messages: Iterable[Any], key: str = "time") -> Any:
 # -- nodes ----------------------------------------------------------------------------------
 
 
+Guarded = tuple[str, datetime, dict[str, Any]]
+
+
+def node_groups(
+    node: str, messages: Sequence[Announce | Keepalive], received: datetime
+) -> list[Guarded]:
+    """A node document's field groups: the field holding the time of the message that set
+    the group, that message's time, and the values it sets."""
+    state = newest(messages)
+    groups: list[Guarded] = [
+        (
+            "state_time",
+            state.time,
+            {"plan_hash": state.plan_hash, "unprotected": state.plan_hash == empty_plan_hash(node)},
+        )
+    ]
+    keepalives = [message for message in messages if isinstance(message, Keepalive)]
+    if keepalives:
+        keepalive = newest(keepalives)
+        values = {
+            "keepalive_interval": keepalive.interval,
+            "uptime": keepalive.uptime,
+            "running": list(keepalive.running),
+            "skew": round((received - keepalive.time).total_seconds(), 3),
+        }
+        groups.append(("keepalive_time", keepalive.time, values))
+    with_facts = [message for message in messages if message.facts is not None]
+    if with_facts:
+        latest = newest(with_facts)
+        groups.append(("facts_time", latest.time, {"facts": latest.facts.model_dump(mode="json")}))
+    announces = [message for message in messages if isinstance(message, Announce)]
+    if announces:
+        announce = newest(announces)
+        values = {"agent_version": announce.agent_version, "recipient": announce.recipient}
+        groups.append(("announced", announce.time, values))
+    return groups
+
+
 def node_update(
     node: str, messages: Sequence[Announce | Keepalive], received: datetime
 ) -> UpdateOne:
@@ -171,46 +209,16 @@ def node_update(
     outage still shows when each node was last heard of.
     """
     times = [message.time for message in messages]
-    state = newest(messages)
-    seen = min(max(times), received)
     fields: dict[str, Any] = {
         "node": lit(node),
         "first_seen": {"$min": ["$first_seen", min(times)]},
-        "last_seen": {"$max": ["$last_seen", seen]},
+        "last_seen": {"$max": ["$last_seen", min(max(times), received)]},
         "received": {"$max": ["$received", received]},
-        "state_time": {"$max": ["$state_time", state.time]},
-        "plan_hash": pick(newer(state.time, "$state_time"), state.plan_hash, "$plan_hash"),
-        "unprotected": pick(
-            newer(state.time, "$state_time"),
-            state.plan_hash == empty_plan_hash(node),
-            "$unprotected",
-        ),
     }
-    keepalives = [message for message in messages if isinstance(message, Keepalive)]
-    if keepalives:
-        keepalive = newest(keepalives)
-        is_newer = newer(keepalive.time, "$keepalive_time")
-        fields["keepalive_time"] = {"$max": ["$keepalive_time", keepalive.time]}
-        fields["keepalive_interval"] = pick(is_newer, keepalive.interval, "$keepalive_interval")
-        fields["uptime"] = pick(is_newer, keepalive.uptime, "$uptime")
-        fields["running"] = pick(is_newer, list(keepalive.running), "$running")
-        fields["skew"] = pick(
-            is_newer, round((received - keepalive.time).total_seconds(), 3), "$skew"
-        )
-    with_facts = [message for message in messages if message.facts is not None]
-    if with_facts:
-        latest = newest(with_facts)
-        fields["facts_time"] = {"$max": ["$facts_time", latest.time]}
-        fields["facts"] = pick(
-            newer(latest.time, "$facts_time"), latest.facts.model_dump(mode="json"), "$facts"
-        )
-    announces = [message for message in messages if isinstance(message, Announce)]
-    if announces:
-        announce = newest(announces)
-        is_newer = newer(announce.time, "$announced")
-        fields["announced"] = {"$max": ["$announced", announce.time]}
-        fields["agent_version"] = pick(is_newer, announce.agent_version, "$agent_version")
-        fields["recipient"] = pick(is_newer, announce.recipient, "$recipient")
+    for guard, time, values in node_groups(node, messages, received):
+        is_newer = newer(time, f"${guard}")
+        fields[guard] = {"$max": [f"${guard}", time]}
+        fields.update({name: pick(is_newer, value, f"${name}") for name, value in values.items()})
     return UpdateOne({"_id": node}, [{"$set": fields}], upsert=True)
 
 
@@ -219,32 +227,10 @@ def node_fast(node: str, messages: Sequence[Announce | Keepalive], received: dat
     message here. `state_time` is the newest time of any announce or keepalive, so it is
     at least `keepalive_time`, `announced` and `facts_time`: every guard would pass."""
     times = [message.time for message in messages]
-    state = newest(messages)
-    fields: dict[str, Any] = {
-        "node": node,
-        "state_time": state.time,
-        "plan_hash": state.plan_hash,
-        "unprotected": state.plan_hash == empty_plan_hash(node),
-    }
-    keepalives = [message for message in messages if isinstance(message, Keepalive)]
-    if keepalives:
-        keepalive = newest(keepalives)
-        fields["keepalive_time"] = keepalive.time
-        fields["keepalive_interval"] = keepalive.interval
-        fields["uptime"] = keepalive.uptime
-        fields["running"] = list(keepalive.running)
-        fields["skew"] = round((received - keepalive.time).total_seconds(), 3)
-    with_facts = [message for message in messages if message.facts is not None]
-    if with_facts:
-        latest = newest(with_facts)
-        fields["facts_time"] = latest.time
-        fields["facts"] = latest.facts.model_dump(mode="json")
-    announces = [message for message in messages if isinstance(message, Announce)]
-    if announces:
-        announce = newest(announces)
-        fields["announced"] = announce.time
-        fields["agent_version"] = announce.agent_version
-        fields["recipient"] = announce.recipient
+    fields: dict[str, Any] = {"node": node}
+    for guard, time, values in node_groups(node, messages, received):
+        fields[guard] = time
+        fields.update(values)
     return UpdateOne(
         {"_id": node, **older_than("state_time", min(times))},
         {
