@@ -45,7 +45,7 @@ from broker.topology import DEAD_QUEUE, EVENTS, REPORTER_QUEUE, declare, tail_qu
 from muster.cli import cli
 from reporter.ingest import empty_plan_hash
 from reporter.metrics import serve
-from reporter.service import Reporter, write_batch
+from reporter.service import Held, Reporter, write_batch
 from reporter.store import Store
 from reporter.watchdog import Watchdog
 from tests.examples import RECIPIENT, every_message, facts
@@ -471,6 +471,24 @@ def test_a_reporter_killed_mid_batch_loses_nothing_after_a_restart(
     assert store.runs.count_documents({}) == 150
     assert store.jobs.find_one({"_id": f"{node}/pg"})["success_times"]
     assert queue_depth(connection) == 0, "every message was acknowledged"
+
+
+def test_a_batch_writing_when_the_broker_connection_drops_is_written_not_acknowledged(
+    make_settings, amqp_url, store
+):
+    """Its deliveries came on the old connection: only RabbitMQ's redelivery settles them."""
+    settings = make_settings()
+    reporter = Reporter(connect([amqp_url]), store, settings, watchdog=False)
+    node = name()
+    reporter._held = [Held(None, Keepalive(node=node, uptime=1))]
+    assert reporter.flush() and reporter.held_count() == 1
+    reporter.on_connection_revived()
+    reporter.flush(force=True)
+    assert store.nodes.find_one({"_id": node})["uptime"] == 1
+    assert reporter.counts["keepalive"] == 0 and reporter.counts["batches"] == 0
+    assert reporter.held_count() == 0
+    reporter._writer.shutdown()
+    reporter.connection.release()
 
 
 def test_mongodb_stopped_and_started_again_loses_nothing(
