@@ -14,6 +14,14 @@ time it from its first delivery until every message is written and acknowledged.
 reporter's writes use its defaults: w majority and one journaled barrier per batch.
 After each run the documents are counted: every node, run and alert is there once.
 
+Beside each reporter run, in the same run of this script: the *raw* rate, the same
+messages (already decoded) written in the same batches straight into the MongoDB-protocol
+server with `reporter.service.write_batch` (no RabbitMQ, no decoding, one thread), once
+with the fast path and once with guarded pipelines only. The raw rate is what the server
+itself accepts for these documents: the reporter's rate is shown as a share of it. The CPU
+seconds the server process (and RabbitMQ, and this process) spend per event are read from
+/proc: on a shared machine they vary far less than rates do.
+
 The simulated fleet: each node loops over one job; per cycle it sends 6 keepalives, 3
 run_status and 1 run_result (every 4th cycle a restore test instead of a backup), and an
 alert every 20 cycles, interleaved across nodes in time order. `--fleets`
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -46,7 +55,7 @@ from broker.messages import Alert, Keepalive, Message, RunResult, RunStats, RunS
 from broker.reporter_config import ReporterSettings
 from broker.topology import EVENTS, PERSISTENT_TYPES, REPORTER_QUEUE, declare, routing_key
 from reporter.ingest import build_writes
-from reporter.service import Reporter
+from reporter.service import Reporter, write_batch
 from reporter.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +164,32 @@ def publish_raw(amqp_url: str, events: list[Message]) -> None:
             raise SystemExit(f"only {ready} of {len(events)} messages reached the queue")
 
 
-def measure(amqp_url: str, mongo_url: str, events: list[Message], batch: int) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds a process has used so far (0 when it is not known)."""
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of the servers and of this process over a stretch of time."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = pids
+        self.start = self.read()
+
+    def read(self) -> dict[str, float]:
+        values = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return {**values, "bench": time.process_time()}
+
+    def used(self) -> dict[str, float]:
+        return {name: value - self.start[name] for name, value in self.read().items()}
+
+
+def measure(
+    amqp_url: str, mongo_url: str, events: list[Message], batch: int, pids: dict[str, int | None]
+) -> dict:
     database = f"bench_ingest_{uuid.uuid4().hex[:8]}"
     with connect([amqp_url]) as connection:
         declare(connection)
@@ -182,6 +216,7 @@ def measure(amqp_url: str, mongo_url: str, events: list[Message], batch: int) ->
 
     reporter._on_message = timed  # type: ignore[method-assign]
     thread = threading.Thread(target=reporter.run, daemon=True)
+    meter = CpuMeter(pids)
     thread.start()
     written = 0
     deadline = time.monotonic() + 600
@@ -190,6 +225,7 @@ def measure(amqp_url: str, mongo_url: str, events: list[Message], batch: int) ->
         time.sleep(0.02)
         written = sum(reporter.counts.get(kind, 0) for kind in kinds)
     finished = time.perf_counter()
+    cpu = meter.used()
     reporter.stop()
     thread.join(timeout=30)
     elapsed = finished - (first[0] if first else finished)
@@ -214,6 +250,30 @@ def measure(amqp_url: str, mongo_url: str, events: list[Message], batch: int) ->
         "batches": reporter.counts.get("batches", 0),
         "checked": ok,
         "documents": counts,
+        "cpu": {name: value / len(events) for name, value in cpu.items()},
+    }
+
+
+def measure_raw(
+    mongo_url: str, events: list[Message], batch: int, pids: dict[str, int | None], fast: bool
+) -> dict:
+    """The same messages, in the same batches, written straight by `write_batch`."""
+    settings = ReporterSettings(
+        mongo_url=mongo_url, database=f"bench_raw_{uuid.uuid4().hex[:8]}", metrics_port=0
+    )
+    store = Store.from_settings(settings, "bench-raw")
+    store.ensure_indexes()
+    meter = CpuMeter(pids)
+    began = time.perf_counter()
+    for start in range(0, len(events), batch):
+        write_batch(store, events[start : start + batch], datetime.now(UTC), settings, fast=fast)
+    elapsed = time.perf_counter() - began
+    cpu = meter.used()
+    store.client.drop_database(settings.database)
+    store.close()
+    return {
+        "rate": len(events) / elapsed,
+        "cpu": {name: value / len(events) for name, value in cpu.items()},
     }
 
 
@@ -228,11 +288,20 @@ def client_cost(events: list[Message], batch: int) -> float:
     return (time.perf_counter() - began) / len(bodies)
 
 
+def server_pids(values: dict[str, str]) -> dict[str, int | None]:
+    """The PIDs of the MongoDB-protocol server and of RabbitMQ, from tests/services."""
+    pids: dict[str, int | None] = {}
+    for name, variable in (("mongo", "MONGO"), ("rabbitmq", "RABBITMQ")):
+        path = values.get(f"MUSTER_TEST_{variable}_PID_FILE")
+        pids[name] = int(Path(path).read_text()) if path and Path(path).exists() else None
+    return pids
+
+
 @contextlib.contextmanager
-def servers(directory: Path) -> Iterator[tuple[str, str]]:
+def servers(directory: Path) -> Iterator[tuple[str, str, dict[str, int | None]]]:
     given = os.environ.get("MUSTER_TEST_AMQP_URL"), os.environ.get("MUSTER_TEST_MONGO_URL")
-    if all(given):
-        yield given  # type: ignore[misc]
+    if given[0] and given[1]:
+        yield given[0], given[1], server_pids(dict(os.environ))
         return
     env = {**os.environ, "MUSTER_SERVICES_DIR": str(directory)}
     command = [sys.executable, "-m", "tests.services"]
@@ -252,9 +321,13 @@ def servers(directory: Path) -> Iterator[tuple[str, str]]:
             for line in started.stdout.splitlines()
             if line.startswith("export ")
         )
-        yield values["MUSTER_TEST_AMQP_URL"], values["MUSTER_TEST_MONGO_URL"]
+        yield values["MUSTER_TEST_AMQP_URL"], values["MUSTER_TEST_MONGO_URL"], server_pids(values)
     finally:
         subprocess.run([*command, "stop"], env=env, cwd=REPO_ROOT, capture_output=True, check=False)
+
+
+def us(seconds: float) -> str:
+    return f"{1e6 * seconds:,.0f}"
 
 
 def render(
@@ -270,20 +343,33 @@ def render(
         "",
         f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}; RabbitMQ and the MongoDB-protocol server "
-        "(SecantusDB, tests/services) on 127.0.0.1, sharing the cores with the reporter.",
+        "(SecantusDB, tests/services) on 127.0.0.1, sharing the cores with the reporter "
+        f"(and with other work: load average {os.getloadavg()[0]:.1f} at the end).",
         "",
-        "Events per second from `muster.reporter` into MongoDB, written (w majority, one "
-        "journaled barrier per batch) and acknowledged, from the reporter's first delivery to "
-        "its last acknowledgement. Every run checks afterwards that each node, run and alert "
-        "is in MongoDB exactly once.",
+        "**reporter**: events per second from `muster.reporter` into MongoDB, written (w "
+        "majority, one journaled barrier per batch) and acknowledged, from the reporter's "
+        "first delivery to its last acknowledgement; every run checks afterwards that each "
+        "node, run and alert is in MongoDB exactly once. **raw**: the same messages, already "
+        "decoded, in the same batches, written by `write_batch` straight into the server "
+        "(fast path, and guarded pipelines only), measured right after. **share**: reporter "
+        "/ raw (fast). CPU columns: CPU microseconds per event of the MongoDB-protocol "
+        "server process, of RabbitMQ and of the reporter's process, during the reporter run "
+        "(server CPU also during the raw run).",
         "",
-        "| nodes in the fleet | batch size | events | seconds | events/s | batches | checked |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "| nodes | batch | reporter ev/s | raw ev/s | raw guarded ev/s | share "
+        "| batches | server µs/ev | raw server µs/ev | raw guarded server µs/ev "
+        "| RabbitMQ µs/ev | reporter µs/ev | checked |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| :---: |",
     ]
     for row in results:
+        cpu, raw = row["cpu"], row["raw"]
         lines.append(
-            f"| {row['nodes']} | {row['batch']} | {row['events']} | {row['seconds']:.2f} "
-            f"| {row['rate']:,.0f} | {row['batches']} | {'yes' if row['checked'] else 'NO'} |"
+            f"| {row['nodes']} | {row['batch']} | {row['rate']:,.0f} | {raw['rate']:,.0f} "
+            f"| {row['guarded']['rate']:,.0f} | {row['rate'] / raw['rate']:.0%} "
+            f"| {row['batches']} | {us(cpu['mongo'])} | {us(raw['cpu']['mongo'])} "
+            f"| {us(row['guarded']['cpu']['mongo'])} | {us(cpu['rabbitmq'])} | {us(cpu['bench'])} "
+            f"| {'yes' if row['checked'] else 'NO'} |"
         )
     lines += [
         "",
@@ -294,8 +380,13 @@ def render(
     for nodes in sorted({row["nodes"] for row in results}):
         rows = [row for row in results if row["nodes"] == nodes]
         top = max(rows, key=lambda row: row["rate"])
+        raw = max(rows, key=lambda row: row["raw"]["rate"])
+        server = min(row["raw"]["cpu"]["mongo"] for row in rows)
         lines.append(
-            f"- {nodes} nodes: best {top['rate']:,.0f} events/s with batches of {top['batch']}."
+            f"- {nodes} nodes: reporter {top['rate']:,.0f} events/s with batches of "
+            f"{top['batch']}; raw {raw['raw']['rate']:,.0f} events/s (batches of "
+            f"{raw['batch']}); the server's own CPU, {us(server)} µs per event at best, "
+            f"caps it at {1 / server:,.0f} events/s on a core of its own."
         )
     ceiling = ", ".join(
         f"{nodes} nodes {1e6 * cost:.0f} µs ({1 / cost:,.0f} events/s)"
@@ -304,50 +395,60 @@ def render(
     lines += [
         "",
         "The reporter's own CPU per event (decode and validate, then build the merged "
-        f"writes; no server, batches of 1000): {ceiling}. That is its ceiling on one core "
-        "against a MongoDB that costs nothing; everything below it in the table is the "
-        "server's time per updated document.",
+        f"writes; no server, batches of 1000): {ceiling}.",
         "",
-        "Reading these numbers: the target was 5,000 events/s; against SecantusDB on this "
-        "machine it is reached by neither batch size nor fleet shape. Writing the same "
-        "batches without RabbitMQ gives the same rate, and one multi-document transaction "
-        "per batch does not change it: the limit is the server's cost per updated "
-        "document (0.6 to 1 ms: a Python server, one storage transaction per update "
-        "statement, a quarter of its time validating update pipelines). Batches help only "
-        "as far as they merge messages about one node or run into one write (200 nodes); "
-        "when every message names another document (20,000 nodes) the rate is the "
-        "server's update rate. A real mongod was not available to measure here.",
+        READING,
     ]
     return "\n".join(lines) + "\n"
+
+
+READING = """Reading these numbers. *server µs/ev* is the MongoDB-protocol server's CPU per
+event; its inverse is the rate that server could take on a core of its own, and it is what
+the batch size changes: messages about one node or run in a batch become one write (200
+nodes), while with every message about another document (20,000 nodes) it is the server's
+cost per written document. *raw guarded* next to *raw* shows what the fast path saves
+(operators instead of pipelines, inserts for new runs). *share* is the reporter's rate as a
+part of the raw rate, the same documents written with nothing else to do: below 100% is
+RabbitMQ, decoding and acknowledging sharing the cores with the server (and here with
+whatever else runs on the machine: see the load average). Rates vary a lot from run to run
+on a shared machine, CPU per event much less. What limits the rate, what was tried and
+what it gave: docs/REPORTER.md, "Ingest rate"."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--batch-sizes", default="100,250,500,1000,2000")
+    parser.add_argument("--batch-sizes", default="1000,2000,5000")
     parser.add_argument("--fleets", default="200,2000,20000", help="numbers of nodes")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
+    parser.add_argument("--json", type=Path, help="write the measurements here, as JSON")
     parser.add_argument("--services-dir", type=Path, default=Path("/tmp/ingest-bench-services"))
     args = parser.parse_args(argv)
     began = time.monotonic()
     start = datetime.now(UTC) - timedelta(hours=1)
     results = []
     client: dict[int, float] = {}
-    with servers(args.services_dir) as (amqp_url, mongo_url):
+    with servers(args.services_dir) as (amqp_url, mongo_url, pids):
         for nodes in (int(n) for n in args.fleets.split(",")):
             events = fleet_events(nodes, args.events, start)
             client[nodes] = client_cost(events, 1000)
             for batch in (int(b) for b in args.batch_sizes.split(",")):
-                row = measure(amqp_url, mongo_url, events, batch)
+                row = measure(amqp_url, mongo_url, events, batch, pids)
+                row["raw"] = measure_raw(mongo_url, events, batch, pids, fast=True)
+                row["guarded"] = measure_raw(mongo_url, events, batch, pids, fast=False)
                 row["nodes"] = nodes
                 results.append(row)
                 print(
-                    f"{nodes:>6} nodes  batch {batch:>5}: {row['rate']:>8,.0f} events/s "
-                    f"({row['events']} in {row['seconds']:.2f} s, {row['batches']} batches, "
+                    f"{nodes:>6} nodes  batch {batch:>5}: {row['rate']:>8,.0f} events/s, raw "
+                    f"{row['raw']['rate']:,.0f} (guarded {row['guarded']['rate']:,.0f}); "
+                    f"server {us(row['cpu']['mongo'])} µs/event ({row['events']} in "
+                    f"{row['seconds']:.2f} s, {row['batches']} batches, "
                     f"checked: {row['checked']})",
                     flush=True,
                 )
     text = render(results, args, time.monotonic() - began, client)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "client": client}, indent=1))
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}")

@@ -12,15 +12,25 @@ Everything here is pure (no server), so the unit tests hold the rules directly:
   is replaced only by a newer one (an aggregation-pipeline update with `$cond`), so an old
   message redelivered late (a requeued `run_status`, a spooled keepalive) never overwrites
   a newer state, and a run's result always wins over its progress.
+- **Fast path.** Pipelines cost the MongoDB-protocol server about a third more per document
+  than operators. Nearly always every message of a batch is newer than what its document
+  holds, so a node, a run's progress and a job are first written with plain operators
+  (`$set`, `$max`, `$min`, `$push`), filtered on the guard times being older than the
+  batch's oldest message. A document that holds something newer does not match that
+  filter; the upsert then collides with its `_id` (duplicate key), and only that write is
+  sent again in its guarded pipeline form (`Write.fast` first, `Write.operation` then).
+  A run whose progress and result arrive in one batch is most likely new: it is first
+  tried as an insert (less than half the server's cost of an upsert), and an existing
+  document makes that collide the same way.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import Any
 
 from pymongo import InsertOne, UpdateOne
@@ -58,12 +68,27 @@ def pick(condition: dict[str, Any], value: Any, current: str) -> dict[str, Any]:
 
 @dataclass
 class Write:
-    """One write for one collection, and which messages of the batch it carries."""
+    """One write for one collection, and which messages of the batch it carries.
+
+    `operation` (the write that is always right: a guarded pipeline for the documents that
+    have a fast path) is built by `build` when first needed: with the fast path it mostly
+    never is, and building the pipelines costs the reporter more than the fast writes.
+    """
 
     collection: str
-    operation: InsertOne | UpdateOne
+    build: Callable[[], InsertOne | UpdateOne]
     messages: list[int]
     duplicate_ok: bool = False  # an insert keyed by message id: a duplicate means "done"
+    fast: UpdateOne | InsertOne | None = None  # tried first; on a duplicate key, `operation`
+
+    @cached_property
+    def operation(self) -> InsertOne | UpdateOne:
+        return self.build()
+
+
+def older_than(path: str, time: datetime) -> dict[str, Any]:
+    """A filter clause: the time at `path` is missing or older than `time` (as `newer`)."""
+    return {path: {"$not": {"$gte": time}}}
 
 
 @dataclass
@@ -85,8 +110,10 @@ def build_writes(
     received: datetime,
     *,
     history: int = 5,
+    fast: bool = True,
 ) -> Writes:
-    """The writes that record `messages`, received at `received` (the reporter's clock)."""
+    """The writes that record `messages`, received at `received` (the reporter's clock);
+    without `fast`, guarded pipelines only (what the fast path is measured against)."""
     writes = Writes()
     nodes: dict[str, list[int]] = defaultdict(list)
     runs: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -103,21 +130,27 @@ def build_writes(
                 jobs[(message.node, message.job)].append(index)
         elif isinstance(message, Alert):
             alerts[message.key].append(index)
-            writes.add(Write("alert_history", InsertOne(history_document(message)), [index], True))
+            insert = partial(InsertOne, history_document(message))
+            writes.add(Write("alert_history", insert, [index], True))
         else:
             writes.ignored.append(index)  # plans: the reporter's queue is not bound to them
     for node, indices in nodes.items():
         group = [messages[i] for i in indices]
-        writes.add(Write("nodes", node_update(node, group, received), indices))
+        guarded = partial(node_update, node, group, received)
+        quick = node_fast(node, group, received) if fast else None
+        writes.add(Write("nodes", guarded, indices, fast=quick))
     for (node, run_id), indices in runs.items():
         group = [messages[i] for i in indices]
-        writes.add(Write("runs", run_update(node, run_id, group), indices))
+        quick = run_fast(node, run_id, group) if fast else None
+        writes.add(Write("runs", partial(run_update, node, run_id, group), indices, fast=quick))
     for (node, job), indices in jobs.items():
         group = [messages[i] for i in indices]
-        writes.add(Write("jobs", job_update(node, job, group, history), indices))
+        guarded = partial(job_update, node, job, group, history)
+        quick = job_fast(node, job, group, history) if fast else None
+        writes.add(Write("jobs", guarded, indices, fast=quick))
     for key, indices in alerts.items():
         group = [messages[i] for i in indices]
-        writes.add(Write("alerts", alert_update(key, group), indices))
+        writes.add(Write("alerts", partial(alert_update, key, group), indices))
     return writes
 
 
@@ -126,6 +159,44 @@ def newest(messages: Iterable[Any], key: str = "time") -> Any:
 
 
 # -- nodes ----------------------------------------------------------------------------------
+
+
+Guarded = tuple[str, datetime, dict[str, Any]]
+
+
+def node_groups(
+    node: str, messages: Sequence[Announce | Keepalive], received: datetime
+) -> list[Guarded]:
+    """A node document's field groups: the field holding the time of the message that set
+    the group, that message's time, and the values it sets."""
+    state = newest(messages)
+    groups: list[Guarded] = [
+        (
+            "state_time",
+            state.time,
+            {"plan_hash": state.plan_hash, "unprotected": state.plan_hash == empty_plan_hash(node)},
+        )
+    ]
+    keepalives = [message for message in messages if isinstance(message, Keepalive)]
+    if keepalives:
+        keepalive = newest(keepalives)
+        values = {
+            "keepalive_interval": keepalive.interval,
+            "uptime": keepalive.uptime,
+            "running": list(keepalive.running),
+            "skew": round((received - keepalive.time).total_seconds(), 3),
+        }
+        groups.append(("keepalive_time", keepalive.time, values))
+    with_facts = [message for message in messages if message.facts is not None]
+    if with_facts:
+        latest = newest(with_facts)
+        groups.append(("facts_time", latest.time, {"facts": latest.facts.model_dump(mode="json")}))
+    announces = [message for message in messages if isinstance(message, Announce)]
+    if announces:
+        announce = newest(announces)
+        values = {"agent_version": announce.agent_version, "recipient": announce.recipient}
+        groups.append(("announced", announce.time, values))
+    return groups
 
 
 def node_update(
@@ -138,47 +209,37 @@ def node_update(
     outage still shows when each node was last heard of.
     """
     times = [message.time for message in messages]
-    state = newest(messages)
-    seen = min(max(times), received)
     fields: dict[str, Any] = {
         "node": lit(node),
         "first_seen": {"$min": ["$first_seen", min(times)]},
-        "last_seen": {"$max": ["$last_seen", seen]},
+        "last_seen": {"$max": ["$last_seen", min(max(times), received)]},
         "received": {"$max": ["$received", received]},
-        "state_time": {"$max": ["$state_time", state.time]},
-        "plan_hash": pick(newer(state.time, "$state_time"), state.plan_hash, "$plan_hash"),
-        "unprotected": pick(
-            newer(state.time, "$state_time"),
-            state.plan_hash == empty_plan_hash(node),
-            "$unprotected",
-        ),
     }
-    keepalives = [message for message in messages if isinstance(message, Keepalive)]
-    if keepalives:
-        keepalive = newest(keepalives)
-        is_newer = newer(keepalive.time, "$keepalive_time")
-        fields["keepalive_time"] = {"$max": ["$keepalive_time", keepalive.time]}
-        fields["keepalive_interval"] = pick(is_newer, keepalive.interval, "$keepalive_interval")
-        fields["uptime"] = pick(is_newer, keepalive.uptime, "$uptime")
-        fields["running"] = pick(is_newer, list(keepalive.running), "$running")
-        fields["skew"] = pick(
-            is_newer, round((received - keepalive.time).total_seconds(), 3), "$skew"
-        )
-    with_facts = [message for message in messages if message.facts is not None]
-    if with_facts:
-        latest = newest(with_facts)
-        fields["facts_time"] = {"$max": ["$facts_time", latest.time]}
-        fields["facts"] = pick(
-            newer(latest.time, "$facts_time"), latest.facts.model_dump(mode="json"), "$facts"
-        )
-    announces = [message for message in messages if isinstance(message, Announce)]
-    if announces:
-        announce = newest(announces)
-        is_newer = newer(announce.time, "$announced")
-        fields["announced"] = {"$max": ["$announced", announce.time]}
-        fields["agent_version"] = pick(is_newer, announce.agent_version, "$agent_version")
-        fields["recipient"] = pick(is_newer, announce.recipient, "$recipient")
+    for guard, time, values in node_groups(node, messages, received):
+        is_newer = newer(time, f"${guard}")
+        fields[guard] = {"$max": [f"${guard}", time]}
+        fields.update({name: pick(is_newer, value, f"${name}") for name, value in values.items()})
     return UpdateOne({"_id": node}, [{"$set": fields}], upsert=True)
+
+
+def node_fast(node: str, messages: Sequence[Announce | Keepalive], received: datetime) -> UpdateOne:
+    """`node_update` with operators, for a node whose `state_time` is older than every
+    message here. `state_time` is the newest time of any announce or keepalive, so it is
+    at least `keepalive_time`, `announced` and `facts_time`: every guard would pass."""
+    times = [message.time for message in messages]
+    fields: dict[str, Any] = {"node": node}
+    for guard, time, values in node_groups(node, messages, received):
+        fields[guard] = time
+        fields.update(values)
+    return UpdateOne(
+        {"_id": node, **older_than("state_time", min(times))},
+        {
+            "$set": fields,
+            "$max": {"last_seen": min(max(times), received), "received": received},
+            "$min": {"first_seen": min(times)},
+        },
+        upsert=True,
+    )
 
 
 # -- runs -----------------------------------------------------------------------------------
@@ -186,6 +247,60 @@ def node_update(
 
 def run_id_of(node: str, run_id: str) -> str:
     return f"{node}/{run_id}"
+
+
+def progress_of(status: RunStatus) -> dict[str, Any]:
+    return {
+        "time": status.time,
+        "phase": status.phase,
+        "files_done": status.files_done,
+        "bytes_done": status.bytes_done,
+        "files_total": status.files_total,
+        "bytes_total": status.bytes_total,
+        "message_id": status.id,
+    }
+
+
+def progress_fast(node: str, run_id: str, statuses: Sequence[RunStatus]) -> UpdateOne:
+    """`run_update` for progress only, with operators: for a run not final and whose
+    progress is older than every status here (or a run not seen yet)."""
+    status = newest(statuses)
+    first = min(s.time for s in statuses)
+    fields = {
+        "node": node,
+        "job": status.job,
+        "run_id": run_id,
+        "kind": status.kind,
+        "progress": progress_of(status),
+        "state": "running",
+        "final": False,
+    }
+    return UpdateOne(
+        {
+            "_id": run_id_of(node, run_id),
+            "final": {"$ne": True},
+            **older_than("progress.time", first),
+        },
+        {"$set": fields, "$min": {"first_status": first}},
+        upsert=True,
+    )
+
+
+def run_fast(
+    node: str, run_id: str, messages: Sequence[RunStatus | RunResult]
+) -> UpdateOne | InsertOne | None:
+    """The fast write for one run: progress with operators; a result with progress in the
+    same batch (the whole run, most likely, so no document yet) as an insert, which costs
+    SecantusDB less than half an upsert; a lone result has none (its `$set` is plain)."""
+    results = [message for message in messages if isinstance(message, RunResult)]
+    statuses = [message for message in messages if isinstance(message, RunStatus)]
+    if not results:
+        return progress_fast(node, run_id, statuses)
+    if not statuses:
+        return None
+    document = result_document(newest(results))
+    first = min(status.time for status in statuses)
+    return InsertOne({"_id": run_id_of(node, run_id), **document, "first_status": first})
 
 
 def run_update(node: str, run_id: str, messages: Sequence[RunStatus | RunResult]) -> UpdateOne:
@@ -201,15 +316,7 @@ def run_update(node: str, run_id: str, messages: Sequence[RunStatus | RunResult]
             update["$min"] = {"first_status": min(status.time for status in statuses)}
         return UpdateOne(key, update, upsert=True)
     status = newest(statuses)
-    progress = {
-        "time": status.time,
-        "phase": status.phase,
-        "files_done": status.files_done,
-        "bytes_done": status.bytes_done,
-        "files_total": status.files_total,
-        "bytes_total": status.bytes_total,
-        "message_id": status.id,
-    }
+    progress = progress_of(status)
     not_final = {"$ne": [{"$ifNull": ["$final", False]}, True]}
     fields = {
         "node": lit(node),
@@ -283,6 +390,26 @@ def verify_summary(result: RunResult) -> dict[str, Any]:
     }
 
 
+Summary = Callable[[RunResult], dict[str, Any]]
+
+
+def job_summaries(results: Sequence[RunResult]) -> list[tuple[str, list[RunResult], Summary]]:
+    """Each summary field of a job document, with the results that may set it."""
+    backups = [result for result in results if result.kind == "backup"]
+    verifies = [result for result in results if result.kind == "verify"]
+    return [
+        ("last_backup", backups, backup_summary),
+        ("last_success", [r for r in backups if r.status in SUCCESSFUL], backup_summary),
+        ("last_failure", [r for r in backups if r.status in FAILED], backup_summary),
+        ("last_verify", verifies, verify_summary),
+        ("last_verify_success", [r for r in verifies if r.status in SUCCESSFUL], verify_summary),
+    ]
+
+
+def success_times(results: Sequence[RunResult]) -> list[datetime]:
+    return sorted({r.finished for r in results if r.kind == "backup" and r.status in SUCCESSFUL})
+
+
 def job_update(node: str, job: str, results: Sequence[RunResult], history: int) -> UpdateOne:
     """What the watchdog and `muster status` need per job: the newest backup, success,
     failure and restore test, and the finish times of the last `history` successes
@@ -292,27 +419,38 @@ def job_update(node: str, job: str, results: Sequence[RunResult], history: int) 
         "job": lit(job),
         "first_result": {"$min": ["$first_result", min(r.finished for r in results)]},
     }
-
-    def latest(name: str, chosen: list[RunResult], summary: Any) -> None:
+    for name, chosen, summary in job_summaries(results):
         if chosen:
             last = newest(chosen, "finished")
             fields[name] = pick(newer(last.finished, f"${name}.time"), summary(last), f"${name}")
-
-    backups = [result for result in results if result.kind == "backup"]
-    successes = [result for result in backups if result.status in SUCCESSFUL]
-    latest("last_backup", backups, backup_summary)
-    latest("last_success", successes, backup_summary)
-    latest("last_failure", [r for r in backups if r.status in FAILED], backup_summary)
-    if successes:
-        times = [result.finished for result in successes]
+    times = success_times(results)
+    if times:
         union = {"$setUnion": [{"$ifNull": ["$success_times", []]}, times]}
         fields["success_times"] = {
             "$slice": [{"$sortArray": {"input": union, "sortBy": 1}}, -history]
         }
-    verifies = [result for result in results if result.kind == "verify"]
-    latest("last_verify", verifies, verify_summary)
-    latest("last_verify_success", [r for r in verifies if r.status in SUCCESSFUL], verify_summary)
     return UpdateOne({"_id": f"{node}/{job}"}, [{"$set": fields}], upsert=True)
+
+
+def job_fast(node: str, job: str, results: Sequence[RunResult], history: int) -> UpdateOne:
+    """`job_update` with operators, for a job whose summaries the results here would all
+    replace: each summary's stored time is older than the oldest result that sets it.
+    Then every new success is newer than `success_times` (none newer than `last_success`),
+    so `$push` adds no duplicate."""
+    guards: dict[str, Any] = {}
+    fields: dict[str, Any] = {"node": node, "job": job}
+    for name, chosen, summary in job_summaries(results):
+        if chosen:
+            guards.update(older_than(f"{name}.time", min(r.finished for r in chosen)))
+            fields[name] = summary(newest(chosen, "finished"))
+    update: dict[str, Any] = {
+        "$set": fields,
+        "$min": {"first_result": min(r.finished for r in results)},
+    }
+    times = success_times(results)
+    if times:
+        update["$push"] = {"success_times": {"$each": times, "$sort": 1, "$slice": -history}}
+    return UpdateOne({"_id": f"{node}/{job}", **guards}, update, upsert=True)
 
 
 # -- alerts ---------------------------------------------------------------------------------

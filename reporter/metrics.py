@@ -167,8 +167,8 @@ class FleetCollector(Collector):
         )
         yield GaugeMetricFamily(
             "muster_reporter_held_messages",
-            "messages held unacknowledged for the next batch",
-            value=len(reporter._held),
+            "messages held unacknowledged: the next batch and the one writing",
+            value=reporter.held_count(),
         )
         last = reporter.last_flush
         yield GaugeMetricFamily(

@@ -20,6 +20,7 @@ never adds a document.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from pymongo import ASCENDING, DESCENDING, MongoClient
@@ -32,6 +33,10 @@ from broker.reporter_config import ReporterSettings
 log = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Each batch is written on this many connections at once (reporter.service.write_batch):
+# the MongoDB-protocol server serves each on a thread of its own and overlaps their work.
+LANES = 2
 
 COLLECTIONS = ("nodes", "jobs", "runs", "alerts", "alert_history", "snapshots", "reporter_meta")
 
@@ -101,6 +106,8 @@ class Store:
         self._barrier = self.db.get_collection(
             "reporter_meta", write_concern=WriteConcern(w=w, j=True)
         )
+        # Threads for writing parts of one batch at once (reporter.service.write_batch).
+        self.lanes = ThreadPoolExecutor(max_workers=LANES - 1, thread_name_prefix="reporter-lane")
 
     @classmethod
     def from_settings(cls, settings: ReporterSettings, instance: str = "reporter") -> Store:
@@ -139,4 +146,5 @@ class Store:
         return True
 
     def close(self) -> None:
+        self.lanes.shutdown(wait=True)
         self.client.close()

@@ -45,7 +45,7 @@ from broker.topology import DEAD_QUEUE, EVENTS, REPORTER_QUEUE, declare, tail_qu
 from muster.cli import cli
 from reporter.ingest import empty_plan_hash
 from reporter.metrics import serve
-from reporter.service import Reporter
+from reporter.service import Held, Reporter, write_batch
 from reporter.store import Store
 from reporter.watchdog import Watchdog
 from tests.examples import RECIPIENT, every_message, facts
@@ -297,6 +297,111 @@ def test_an_old_message_redelivered_late_never_overwrites_a_newer_state(
     assert store.runs.count_documents({}) == 1
 
 
+def test_a_batch_with_several_keepalives_of_one_node_keeps_the_newest_state(
+    connection, start_reporter, store
+):
+    node, now = name(), datetime.now(UTC)
+    reporter = start_reporter(batch_size=4, flush_interval=10)
+    older = Keepalive(node=node, uptime=1, plan_hash="sha256:a", time=now - timedelta(seconds=40))
+    newest = Keepalive(node=node, uptime=3, plan_hash="sha256:c", time=now - timedelta(seconds=10))
+    middle = Keepalive(node=node, uptime=2, plan_hash="sha256:b", time=now - timedelta(seconds=20))
+    other = Keepalive(node=name(), uptime=9, time=now)
+    publish(connection, older, newest, middle, other)
+    wait_for(lambda: written(reporter) == 4, what="the batch")
+    assert reporter.counts["batches"] == 1, "the four keepalives were one batch"
+    document = store.nodes.find_one({"_id": node})
+    assert document["uptime"] == 3 and document["plan_hash"] == "sha256:c"
+    assert document["first_seen"] == older.time.replace(
+        microsecond=older.time.microsecond // 1000 * 1000
+    )
+    assert document["last_seen"] == document["keepalive_time"] == document["state_time"]
+    assert abs(document["last_seen"] - newest.time) < timedelta(milliseconds=1)
+
+
+def test_a_node_ahead_of_the_reporters_clock_is_never_seen_later_than_received(
+    connection, start_reporter, store
+):
+    node, now = name(), datetime.now(UTC)
+    clock = Clock(now)
+    reporter = start_reporter(clock=clock, batch_size=2, flush_interval=10)
+    ahead = Keepalive(node=node, uptime=2, time=now + timedelta(minutes=10))
+    publish(connection, Keepalive(node=node, uptime=1, time=now - timedelta(minutes=1)), ahead)
+    wait_for(lambda: written(reporter) == 2, what="the batch")
+    document = store.nodes.find_one({"_id": node})
+    assert abs(document["last_seen"] - now) < timedelta(milliseconds=1), "seen when received"
+    assert document["uptime"] == 2 and document["skew"] == -600.0
+
+
+def history_of_one_fleet(now: datetime) -> list[list[Message]]:
+    """Batches about two nodes: in order, out of order within a batch, stale and
+    redelivered messages after newer ones, older successes after newer ones."""
+
+    def at(seconds: float) -> datetime:
+        return now + timedelta(seconds=seconds)
+
+    def status(node: str, run_id: str, seconds: float, done: int) -> RunStatus:
+        return RunStatus(node=node, job="etc", run_id=run_id, kind="backup", time=at(seconds),
+                         files_done=done)  # fmt: skip
+
+    def keep(node: str, seconds: float, uptime: float) -> Keepalive:
+        return Keepalive(node=node, uptime=uptime, time=at(seconds), plan_hash=f"sha256:{uptime}")
+
+    announce = Announce(node="a", facts=facts("a"), agent_version="1", recipient=RECIPIENT,
+                        time=at(0))  # fmt: skip
+    r1 = result("a", "r1", at(40))
+    return [
+        [announce, keep("a", 1, 1), status("a", "r1", 1, 1), status("a", "r1", 2, 2)],
+        [keep("a", 30, 3), keep("a", 20, 2), keep("b", 5, 5), r1, status("a", "r2", 50, 1)],
+        [
+            keep("a", 1, 1),
+            status("a", "r1", 2, 2),
+            r1,
+            result("a", "r3", at(60), "verify", "failure"),
+        ],
+        [keep("b", 4, 4), result("a", "r2", at(70)), result("a", "r0", at(-5)), keep("a", 900, 9)],
+        [result("a", "r4", at(80), status="failure"), status("a", "r2", 45, 0), announce],
+        [result("a", "r5", at(90), "verify"), result("a", "r2", at(70)), keep("b", 6, 6)],
+        [status("a", "r6", 91, 1), result("a", "r6", at(95)), status("a", "r2", 46, 3), r1],
+        [status("a", "r6", 92, 2), result("a", "r6", at(95)), status("b", "r7", 93, 1)],
+    ]
+
+
+def test_the_fast_path_writes_what_the_guarded_pipelines_write(make_settings):
+    """Each batch of a history goes once through the fast path (with its fallbacks on
+    stale documents) and once through the guarded pipelines only: same documents."""
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    stores, history = {}, history_of_one_fleet(now)
+    for fast in (True, False):
+        settings = make_settings(database=f"test_fast_{fast}_{uuid.uuid4().hex[:8]}")
+        stores[fast] = Store.from_settings(settings, "test")
+        for index, batch in enumerate(history):
+            received = now + timedelta(seconds=100 * (index + 1))
+            assert write_batch(stores[fast], batch, received, settings, fast=fast) == set()
+    try:
+        for collection in ("nodes", "runs", "jobs"):
+            fast, guarded = (list(stores[f].db[collection].find({}, sort=[("_id", 1)]))
+                             for f in (True, False))  # fmt: skip
+            assert fast == guarded, collection
+        job = stores[True].jobs.find_one({"_id": "a/etc"})
+        assert job["success_times"] == [now + timedelta(seconds=s) for s in (-5, 40, 70, 95)]
+        assert job["last_success"]["run_id"] == "r6" and job["last_failure"]["run_id"] == "r4"
+        assert job["last_verify"]["run_id"] == "r5"
+        assert job["last_verify_success"]["run_id"] == "r5"
+        node = stores[True].nodes.find_one({"_id": "a"})
+        assert node["uptime"] == 9 and node["last_seen"] == now + timedelta(seconds=400)
+        assert node["facts"]["hostname"] == "a" and node["first_seen"] == now
+        assert stores[True].nodes.find_one({"_id": "b"})["uptime"] == 6
+        r1 = stores[True].runs.find_one({"_id": "a/r1"})
+        assert r1["final"] is True and r1["state"] == "success"
+        assert stores[True].runs.find_one({"_id": "a/r2"})["progress"]["files_done"] == 1
+        r6 = stores[True].runs.find_one({"_id": "a/r6"})
+        assert r6["final"] is True and r6["first_status"] == now + timedelta(seconds=91)
+    finally:
+        for opened in stores.values():
+            opened.client.drop_database(opened.db.name)
+            opened.close()
+
+
 def test_an_invalid_message_is_dead_lettered_and_the_reporter_goes_on(
     connection, start_reporter, store
 ):
@@ -366,6 +471,24 @@ def test_a_reporter_killed_mid_batch_loses_nothing_after_a_restart(
     assert store.runs.count_documents({}) == 150
     assert store.jobs.find_one({"_id": f"{node}/pg"})["success_times"]
     assert queue_depth(connection) == 0, "every message was acknowledged"
+
+
+def test_a_batch_writing_when_the_broker_connection_drops_is_written_not_acknowledged(
+    make_settings, amqp_url, store
+):
+    """Its deliveries came on the old connection: only RabbitMQ's redelivery settles them."""
+    settings = make_settings()
+    reporter = Reporter(connect([amqp_url]), store, settings, watchdog=False)
+    node = name()
+    reporter._held = [Held(None, Keepalive(node=node, uptime=1))]
+    assert reporter.flush() and reporter.held_count() == 1
+    reporter.on_connection_revived()
+    reporter.flush(force=True)
+    assert store.nodes.find_one({"_id": node})["uptime"] == 1
+    assert reporter.counts["keepalive"] == 0 and reporter.counts["batches"] == 0
+    assert reporter.held_count() == 0
+    reporter._writer.shutdown()
+    reporter.connection.release()
 
 
 def test_mongodb_stopped_and_started_again_loses_nothing(

@@ -237,3 +237,26 @@ def test_follow_lines_read_as_sentences():
     assert describe(alert.model_dump(mode="json")) == (
         "12:00:00 ALERT open critical keepalive:web1: web1 silent"
     )
+
+
+def test_the_fast_path_is_guarded_by_the_oldest_message_of_the_batch():
+    messages = [keepalive(at=T + timedelta(seconds=20)), keepalive(at=T), status("r1", T)]
+    writes = build_writes([*messages, result("r2", T)], T + timedelta(seconds=10))
+    node = writes.by_collection["nodes"][0].fast
+    assert node._filter == {"_id": "web1", "state_time": {"$not": {"$gte": T}}} and node._upsert
+    assert node._doc["$set"]["uptime"] == 1 and node._doc["$min"] == {"first_seen": T}
+    assert node._doc["$max"]["last_seen"] == T + timedelta(seconds=10), "never after received"
+    progress, final = writes.by_collection["runs"]
+    assert progress.fast._filter["final"] == {"$ne": True}
+    assert final.fast is None, "a result always takes its plain $set"
+    unguarded = build_writes(messages, T, fast=False)
+    assert all(w.fast is None for ws in unguarded.by_collection.values() for w in ws)
+
+
+def test_the_fast_job_write_pushes_each_success_once_in_order():
+    later, earlier = result("r2", T + timedelta(hours=1)), result("r1", T)
+    job = build_writes([later, earlier, later], T, history=3).by_collection["jobs"][0].fast
+    assert job._filter["last_success.time"] == {"$not": {"$gte": T}}
+    push = job._doc["$push"]["success_times"]
+    assert push == {"$each": [T, T + timedelta(hours=1)], "$sort": 1, "$slice": -3}
+    assert job._doc["$set"]["last_success"]["run_id"] == "r2"
