@@ -295,7 +295,10 @@ def tail(
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: a follower started from a background job inherits SIGINT ignored,
+    # and Ctrl-C (or `kill -INT`) must still end it.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
     def on_message(delivery: Any) -> None:
         try:
