@@ -767,10 +767,20 @@ class Lines:
                 return line
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def start_follower(args: list[str], amqp_url: str) -> tuple[subprocess.Popen, Lines, Lines]:
+    """Started as from a background job, with SIGINT ignored: the tests' SIGINT must still end it."""
     env = {**os.environ, "MUSTER_BROKER_URL": amqp_url}
     process = subprocess.Popen(
-        [str(MUSTER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(MUSTER), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ignore_sigint,
     )
     out, err = Lines(process.stdout), Lines(process.stderr)
     err.until("following")
