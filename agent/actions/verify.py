@@ -46,7 +46,7 @@ from typing import BinaryIO
 from agent import age
 from agent.actions.restore import RestoreOutcome, run_restore
 from agent.archive import Archive, NoSnapshot
-from agent.catalog import FILE, HARDLINK, Entry, read_entries, write_entries
+from agent.catalog import FILE, HARDLINK, Entry
 from agent.extract import Block, ContentMismatch, Sink, components
 from agent.repository import Repository
 from agent.storage import NotFound
@@ -542,48 +542,47 @@ def _allocate(
 
 def _verify_all(run: _Verify) -> VerifyOutcome:
     tested: list[str] = []
-    with contextlib.ExitStack() as stack:
-        catalog = _local_catalog(run, stack)
-        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # volume -> [bytes, files]
-        holders: dict[str, list[str]] = defaultdict(list)
-        links: dict[str, set[str]] = defaultdict(set)  # volume -> files its hard links name
-        present = set()
-        for volume in sorted(run.volumes):
-            if run.out_of_time():
-                break
-            tested.append(volume)
-            if run.check_stored_size(volume):
-                present.add(volume)
-        with catalog(run.record) as entries:
-            for entry in entries:
-                if entry.location is None:
-                    continue
-                volume = entry.location.volume
-                totals[volume][0] += entry.size
-                totals[volume][1] += entry.type == FILE
-                if volume in run.problems and entry.type == FILE:
-                    holders[volume].append(entry.path)
-                if entry.type == HARDLINK and entry.link:
-                    links[volume].add(entry.link)
-        for volume in tested:
-            if volume not in present:
-                run.failed[volume].update(holders.get(volume, []))
-            elif not totals[volume][1]:  # no file data to restore: check its stored bytes
-                run.check_stored_bytes(volume)
-        readable = [v for v in tested if v in present and totals[v][1]]
-        for batch in _batches(readable, totals):
-            if run.out_of_time():
-                break
-            members = set(batch)
-            named = set().union(*(links.get(v, set()) for v in batch))
-            files = run.restore(
-                lambda record, members=members, named=named: _only(
-                    catalog, record, members, named, present
-                ),
-                members,
-                whole=True,
-            )
-            _note_holders(run, files, holders)
+    catalog = run.archive.entries  # from the cache, or fetched once and kept by the Archive
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # volume -> [bytes, files]
+    holders: dict[str, list[str]] = defaultdict(list)
+    links: dict[str, set[str]] = defaultdict(set)  # volume -> files its hard links name
+    present = set()
+    for volume in sorted(run.volumes):
+        if run.out_of_time():
+            break
+        tested.append(volume)
+        if run.check_stored_size(volume):
+            present.add(volume)
+    with catalog(run.record) as entries:
+        for entry in entries:
+            if entry.location is None:
+                continue
+            volume = entry.location.volume
+            totals[volume][0] += entry.size
+            totals[volume][1] += entry.type == FILE
+            if volume in run.problems and entry.type == FILE:
+                holders[volume].append(entry.path)
+            if entry.type == HARDLINK and entry.link:
+                links[volume].add(entry.link)
+    for volume in tested:
+        if volume not in present:
+            run.failed[volume].update(holders.get(volume, []))
+        elif not totals[volume][1]:  # no file data to restore: check its stored bytes
+            run.check_stored_bytes(volume)
+    readable = [v for v in tested if v in present and totals[v][1]]
+    for batch in _batches(readable, totals):
+        if run.out_of_time():
+            break
+        members = set(batch)
+        named = set().union(*(links.get(v, set()) for v in batch))
+        files = run.restore(
+            lambda record, members=members, named=named: _only(
+                catalog, record, members, named, present
+            ),
+            members,
+            whole=True,
+        )
+        _note_holders(run, files, holders)
     return run.finish(tested, holders)
 
 
@@ -597,22 +596,6 @@ def _note_holders(run: _Verify, files: list[Entry], holders: dict[str, list[str]
             damaged.add(volume)
     for volume in damaged:
         holders[volume] = list(dict.fromkeys(holders[volume]))
-
-
-def _local_catalog(run: _Verify, stack: contextlib.ExitStack) -> EntrySource:
-    """The snapshot's catalog, read once (from the cache or storage) into a private
-    temporary file: `all` reads it once more per batch."""
-    directory = stack.enter_context(tempfile.TemporaryDirectory(dir=run.scratch))
-    path = Path(directory, "catalog.jsonl.zst")
-    with run.archive.entries(run.record) as entries, path.open("wb") as out:
-        write_entries(entries, out, level=1)
-
-    @contextlib.contextmanager
-    def source(_record: SnapshotRecord) -> Iterator[Iterator[Entry]]:
-        with path.open("rb") as stream:
-            yield read_entries(stream)
-
-    return source
 
 
 @contextlib.contextmanager
