@@ -165,33 +165,33 @@ def read_entries(compressed: BinaryIO, needles: list[bytes] | None = None) -> It
 
 
 def _matching(reader: BinaryIO, needles: list[bytes]) -> Iterator[Entry]:
-    """The lines holding a needle, found with `bytes.find` over 1 MiB blocks: finding one
-    file in a catalog of many then costs about its decompression alone."""
-    carry = b""
+    """The lines holding a needle, found with `bytes.find` over 1 MiB blocks (searched in
+    place, not copied): finding one file in a catalog then costs about its decompression."""
+    carry = b""  # the start of a line that the previous block cut
     while block := reader.read(1 << 20):
-        data = carry + block
-        end = data.rfind(b"\n") + 1
-        carry = data[end:]
-        yield from map(decode_line, _lines_with(data[:end], needles))
-    yield from map(decode_line, _lines_with(carry, needles))
+        first = block.find(b"\n") + 1
+        if not first:
+            carry += block
+            continue
+        head = carry + block[:first]
+        if any(needle in head for needle in needles):
+            yield decode_line(head)
+        last = block.rfind(b"\n") + 1
+        yield from map(decode_line, _lines_with(block, first, last, needles))
+        carry = block[last:]
+    if carry and any(needle in carry for needle in needles):
+        yield decode_line(carry)
 
 
-def _lines_with(data: bytes, needles: list[bytes]) -> list[bytes]:
+def _lines_with(data: bytes, begin: int, end: int, needles: list[bytes]) -> list[bytes]:
+    """The whole lines of `data[begin:end]` that hold a needle, in order."""
     starts: set[int] = set()
     for needle in needles:
-        found = data.find(needle)
+        found = data.find(needle, begin, end)
         while found >= 0:
-            start = data.rfind(b"\n", 0, found) + 1
-            starts.add(start)
-            stop = data.find(b"\n", found)
-            if stop < 0:
-                break
-            found = data.find(needle, stop + 1)
-    lines = []
-    for start in sorted(starts):
-        stop = data.find(b"\n", start)
-        lines.append(data[start : len(data) if stop < 0 else stop + 1])
-    return lines
+            starts.add(data.rfind(b"\n", begin, found) + 1 or begin)
+            found = data.find(needle, data.find(b"\n", found, end) + 1, end)
+    return [data[start : data.find(b"\n", start, end) + 1] for start in sorted(starts)]
 
 
 def path_needle(path: str) -> bytes:
