@@ -12,6 +12,7 @@ then renamed into place: a corrupt file is reported, never left half-written.
 import contextlib
 import grp
 import hashlib
+import itertools
 import os
 import pwd
 import secrets
@@ -68,6 +69,10 @@ class Target:
         self._local = threading.local()
         self._caches: list[dict[tuple[str, ...], tuple[int, bool]]] = []
         self._lock = threading.Lock()
+        # temporary names: short (a `name` may be 255 bytes already), unguessable, and
+        # without a getrandom call per file
+        self._temp_prefix = secrets.token_hex(6)
+        self._temp_numbers = itertools.count()
         root.mkdir(parents=True, exist_ok=True)
 
     # -- entries -------------------------------------------------------------------------
@@ -91,7 +96,7 @@ class Target:
         parent = self._parent(parents)
         if tuple(parents) not in self._fresh and not self._may_replace(parent, name, entry.path):
             return False
-        temp = f".muster-{secrets.token_hex(8)}"  # short: `name` may be 255 bytes already
+        temp = f".muster-{self._temp_prefix}{next(self._temp_numbers)}"  # short: see `_temp_prefix`
         created = entry.mode & 0o777 & ~self._umask
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(temp, flags, created, dir_fd=parent)
