@@ -541,11 +541,33 @@ def _allocate(
 
 
 def _verify_all(run: _Verify) -> VerifyOutcome:
+    tested, present = _stored_sizes(run)
+    survey = _Survey(run)
+    for volume in tested:
+        if volume not in present:
+            run.failed[volume].update(survey.holders.get(volume, []))
+        elif not survey.totals[volume][1]:  # no file data to restore: check its stored bytes
+            run.check_stored_bytes(volume)
+    readable = [v for v in tested if v in present and survey.totals[v][1]]
+    for batch in _batches(readable, survey.totals):
+        if run.out_of_time():
+            break
+        members = set(batch)
+        named = set().union(*(survey.links.get(v, set()) for v in batch))
+        files = run.restore(
+            lambda record, members=members, named=named: _only(
+                run.archive.entries, record, members, named, present
+            ),
+            members,
+            whole=True,
+        )
+        _note_holders(run, files, survey.holders)
+    return run.finish(tested, survey.holders)
+
+
+def _stored_sizes(run: _Verify) -> tuple[list[str], set[str]]:
+    """A HEAD of each volume, while time lasts: those tested, and those present."""
     tested: list[str] = []
-    catalog = run.archive.entries  # from the cache, or fetched once and kept by the Archive
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # volume -> [bytes, files]
-    holders: dict[str, list[str]] = defaultdict(list)
-    links: dict[str, set[str]] = defaultdict(set)  # volume -> files its hard links name
     present = set()
     for volume in sorted(run.volumes):
         if run.out_of_time():
@@ -553,37 +575,29 @@ def _verify_all(run: _Verify) -> VerifyOutcome:
         tested.append(volume)
         if run.check_stored_size(volume):
             present.add(volume)
-    with catalog(run.record) as entries:
-        for entry in entries:
-            if entry.location is None:
-                continue
-            volume = entry.location.volume
-            totals[volume][0] += entry.size
-            totals[volume][1] += entry.type == FILE
-            if volume in run.problems and entry.type == FILE:
-                holders[volume].append(entry.path)
-            if entry.type == HARDLINK and entry.link:
-                links[volume].add(entry.link)
-    for volume in tested:
-        if volume not in present:
-            run.failed[volume].update(holders.get(volume, []))
-        elif not totals[volume][1]:  # no file data to restore: check its stored bytes
-            run.check_stored_bytes(volume)
-    readable = [v for v in tested if v in present and totals[v][1]]
-    for batch in _batches(readable, totals):
-        if run.out_of_time():
-            break
-        members = set(batch)
-        named = set().union(*(links.get(v, set()) for v in batch))
-        files = run.restore(
-            lambda record, members=members, named=named: _only(
-                catalog, record, members, named, present
-            ),
-            members,
-            whole=True,
-        )
-        _note_holders(run, files, holders)
-    return run.finish(tested, holders)
+    return tested, present
+
+
+class _Survey:
+    """One pass over the catalog (from the cache, or fetched once and kept by the
+    Archive): what each volume holds, to batch the volumes and name damaged ones' files."""
+
+    def __init__(self, run: _Verify) -> None:
+        self.totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # [bytes, files]
+        self.holders: dict[str, list[str]] = defaultdict(list)  # files of damaged volumes
+        self.links: dict[str, set[str]] = defaultdict(set)  # files its hard links name
+        with run.archive.entries(run.record) as entries:
+            for entry in entries:
+                if entry.location is not None:
+                    self._add(run, entry, entry.location.volume)
+
+    def _add(self, run: _Verify, entry: Entry, volume: str) -> None:
+        self.totals[volume][0] += entry.size
+        self.totals[volume][1] += entry.type == FILE
+        if volume in run.problems and entry.type == FILE:
+            self.holders[volume].append(entry.path)
+        if entry.type == HARDLINK and entry.link:
+            self.links[volume].add(entry.link)
 
 
 def _note_holders(run: _Verify, files: list[Entry], holders: dict[str, list[str]]) -> None:
