@@ -273,6 +273,12 @@ class Target:
 
 
 def _umask() -> int:
+    """The process umask, read without setting it when Linux says it: other threads (the
+    daemon's) may be creating files at this very moment."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -673,3 +673,22 @@ def test_all_covers_every_volume_and_rotation_resumes_at_a_damaged_one(local: Se
     assert set(damaged.failed_files) == {victim}
     assert damaged.coverage == pytest.approx((len(volumes) - 1) / len(volumes))
     assert local.verify(sample=1).volumes_tested == [victim]  # tested first next time
+
+
+def test_modes_come_back_whatever_the_umask(local: Setup, tmp_path: Path) -> None:
+    """Files are created with their own mode where the umask allows it, and chmod-ed
+    only where it does not: both ways must end in the catalog's mode."""
+    modes = {"public": 0o644, "private": 0o600, "tool": 0o755, "shared": 0o666, "odd": 0o640}
+    for name, mode in modes.items():
+        (local.source / name).write_bytes(name.encode())
+        (local.source / name).chmod(mode)
+    local.backup()
+    for umask in (0o022, 0o077, 0o000):
+        old = os.umask(umask)
+        try:
+            out = tmp_path / f"umask-{umask:03o}"
+            assert run_restore(local.archive(), [str(local.source)], out).errors == []
+        finally:
+            os.umask(old)
+        back = restored_root(out, local.source)
+        assert {n: (back / n).stat().st_mode & 0o7777 for n in modes} == modes
