@@ -329,11 +329,14 @@ def _write_sparse(fd: int, blocks: Iterable[Block]) -> "hashlib._Hash":
     return digest
 
 
+_CLIMBING = frozenset(("", ".", ".."))
+
+
 def components(path: str) -> list[str]:
     """The parts of an absolute catalog path, refusing anything that could climb out."""
     if not path.startswith("/"):
         raise UnsafePath(f"{path!r}: catalog paths are absolute; refusing a relative one")
     parts = path.split("/")[1:]
-    if path == "/" or any(part in ("", ".", "..") for part in parts) or "\0" in path:
+    if path == "/" or not _CLIMBING.isdisjoint(parts) or "\0" in path:
         raise UnsafePath(f"{path!r}: refusing a path with empty, '.' or '..' components")
     return parts
