@@ -187,9 +187,12 @@ class _Restorer:
             for volume, jobs in by_volume.items():
                 self._restore_volume(volume, jobs)
             return
-        with ThreadPoolExecutor(min(WORKERS, len(by_volume)), "restore") as pool:
+        pool = ThreadPoolExecutor(min(WORKERS, len(by_volume)), "restore")
+        try:
             for done in [pool.submit(self._restore_volume, *item) for item in by_volume.items()]:
                 done.result()
+        finally:  # on Ctrl-C, volumes not started yet are not started at all
+            pool.shutdown(cancel_futures=True)
 
     def _restore_volume(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
         """Ranged reads when the files are a small part of the volume, else one stream."""
