@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import os
 import pwd
+import resource
 import secrets
 import stat
 import threading
@@ -26,9 +27,9 @@ from typing import Protocol
 from agent.catalog import Entry
 
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-DIRECTORY_CACHE = 256  # open directories kept per thread
 
 Block = bytes | memoryview
+_Cache = dict[tuple[str, ...], tuple[int, bool]]  # directory -> (fd, set-group-ID)
 
 
 class UnsafePath(Exception):
@@ -67,7 +68,8 @@ class Target:
         self._umask = _umask()
         self._fresh: set[tuple[str, ...]] = set()  # directories this restore created
         self._local = threading.local()
-        self._caches: list[dict[tuple[str, ...], tuple[int, bool]]] = []
+        self._caches: list[tuple[threading.Thread, _Cache]] = []
+        self._cache_size = _cache_size()
         self._lock = threading.Lock()
         # temporary names: short (a `name` may be 255 bytes already), unguessable, and
         # without a getrandom call per file
@@ -159,20 +161,24 @@ class Target:
     def close(self) -> None:
         """Close every thread's cached directories."""
         with self._lock:
-            for cache in self._caches:
-                for fd, _ in cache.values():
-                    os.close(fd)
-                cache.clear()
+            for _, cache in self._caches:
+                _close_all(cache)
+            self._caches.clear()
 
     # -- walking -------------------------------------------------------------------------
 
-    def _cache(self) -> dict[tuple[str, ...], tuple[int, bool]]:
-        """This thread's open directories: path -> (fd, whether it is set-group-ID)."""
+    def _cache(self) -> _Cache:
+        """This thread's open directories: path -> (fd, whether it is set-group-ID).
+        A new thread's cache first closes those of threads that have ended (each pool of
+        volume workers is a new set of threads), so open fds stay bounded."""
         cache = getattr(self._local, "cache", None)
         if cache is None:
             cache = self._local.cache = {}
             with self._lock:
-                self._caches.append(cache)
+                for thread, ended in [c for c in self._caches if not c[0].is_alive()]:
+                    _close_all(ended)
+                    self._caches.remove((thread, ended))
+                self._caches.append((threading.current_thread(), cache))
         return cache
 
     def _parent(self, parents: list[str]) -> int:
@@ -194,14 +200,12 @@ class Target:
             fd = self._enter(cache, fd, key[:end])
         return fd
 
-    def _open_root(self, cache: dict[tuple[str, ...], tuple[int, bool]]) -> int:
+    def _open_root(self, cache: _Cache) -> int:
         fd = os.open(self.root, DIRECTORY_FLAGS)
         self._keep(cache, (), fd)
         return fd
 
-    def _enter(
-        self, cache: dict[tuple[str, ...], tuple[int, bool]], parent: int, key: tuple[str, ...]
-    ) -> int:
+    def _enter(self, cache: _Cache, parent: int, key: tuple[str, ...]) -> int:
         """Open (making it if missing) the directory `key`, whose parent is open as `parent`."""
         name = key[-1]
         path = "/" + "/".join(key)
@@ -219,10 +223,8 @@ class Target:
         self._keep(cache, key, fd)
         return fd
 
-    def _keep(
-        self, cache: dict[tuple[str, ...], tuple[int, bool]], key: tuple[str, ...], fd: int
-    ) -> None:
-        if len(cache) >= DIRECTORY_CACHE:
+    def _keep(self, cache: _Cache, key: tuple[str, ...], fd: int) -> None:
+        if len(cache) >= self._cache_size:
             oldest = next(iter(cache))
             os.close(cache.pop(oldest)[0])
         cache[key] = (fd, bool(os.fstat(fd).st_mode & stat.S_ISGID))
@@ -270,6 +272,19 @@ class Target:
     def _ids(entry: Entry) -> tuple[int, int]:
         """Names first, as tar does: uids differ between hosts, user names rarely."""
         return _uid(entry.user, entry.uid), _gid(entry.group, entry.gid)
+
+
+def _cache_size() -> int:
+    """Open directories kept per thread: a few hundred at most, and a small share of the
+    fds the process may open (several threads each keep a cache)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 128 if soft == resource.RLIM_INFINITY else max(4, min(128, soft // 16))
+
+
+def _close_all(cache: _Cache) -> None:
+    for fd, _ in cache.values():
+        os.close(fd)
+    cache.clear()
 
 
 def _umask() -> int:

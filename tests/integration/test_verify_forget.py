@@ -5,6 +5,7 @@ through the storage API itself (read an object, change it, put it back)."""
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 import uuid
@@ -692,3 +693,32 @@ def test_modes_come_back_whatever_the_umask(local: Setup, tmp_path: Path) -> Non
             os.umask(old)
         back = restored_root(out, local.source)
         assert {n: (back / n).stat().st_mode & 0o7777 for n in modes} == modes
+
+
+def test_restoring_from_several_snapshots_keeps_open_fds_bounded(
+    local: Setup, tmp_path: Path
+) -> None:
+    """Each snapshot's volumes get their own pool of threads, each thread its own cache of
+    open directories: under a low fd limit the restore still works, and leaves none open."""
+    for number in range(120):
+        (local.source / f"d{number:03d}").mkdir()
+        (local.source / f"d{number:03d}" / "f").write_bytes(os.urandom(9_000))
+    local.backup()
+    for number in range(0, 120, 2):  # newer versions of half the files, in new volumes
+        (local.source / f"d{number:03d}" / "f").write_bytes(os.urandom(9_000))
+    local.backup()
+    (local.source / "d000" / "f").unlink()
+    (local.source / "d000").rmdir()  # then restored from the second snapshot
+    local.backup()
+    wanted = [str(local.source / f"d{n:03d}") for n in range(120)]
+    fds = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fds + 64, hard))
+    try:
+        outcome = run_restore(local.archive(), wanted, tmp_path / "out")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert outcome.errors == []
+    assert len(set(outcome.snapshots.values())) >= 2
+    assert outcome.files == 120
+    assert len(os.listdir("/proc/self/fd")) == fds
