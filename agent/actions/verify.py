@@ -49,7 +49,7 @@ from agent.archive import Archive, NoSnapshot
 from agent.catalog import FILE, HARDLINK, Entry
 from agent.extract import Block, ContentMismatch, Sink, components
 from agent.repository import Repository
-from agent.storage import NotFound
+from agent.storage import NotFound, StorageError
 from broker.plan import RestoreTest
 from broker.snapshot import SnapshotRecord, VolumeInfo
 
@@ -259,7 +259,7 @@ class _HashingReader(io.RawIOBase):
         if self.closed:
             return
         try:
-            with contextlib.suppress(OSError, NotFound):
+            with contextlib.suppress(OSError, StorageError):  # the read itself reported it
                 while block := self._inner.read(READ_SIZE):
                     self._digest.update(block)
                     self._size += len(block)
