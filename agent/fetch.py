@@ -8,7 +8,6 @@ and every file is checked against its catalog sha256 by the caller.
 
 import contextlib
 import io
-import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -18,6 +17,7 @@ from agent import age
 from agent.catalog import Entry
 from agent.repository import Repository
 from agent.storage import NotFound
+from agent.tarread import READ_SIZE, Member, TarError, TarReader
 
 HEADER_PREFIX = 4096
 BATCH_CHUNKS = 128  # 8 MiB of ciphertext per ranged GET
@@ -114,50 +114,57 @@ def member_stream(repo: Repository, keys: VolumeKeys, entry: Entry, volume_size:
     return stream  # type: ignore[return-value]
 
 
-def read_member(stream: BinaryIO, entry: Entry) -> Iterator[bytes]:
+def read_member(stream: BinaryIO, entry: Entry) -> Iterator[memoryview]:
     """The data of the next tar member, which must be the entry's own."""
+    reader = TarReader(stream)
     try:
-        archive = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 - caller owns stream
-        member = archive.next()
-    except (tarfile.TarError, zstandard.ZstdError) as error:
+        member = reader.next()
+    except (TarError, zstandard.ZstdError, age.AgeError) as error:
         raise CorruptVolume(f"{_where(entry)}: unreadable tar member: {error}") from None
-    expected = entry.path.lstrip("/") or "."
-    if member is None or member.name.rstrip("/") != expected:
-        found = member.name if member else "end of archive"
+    expected = member_name(entry.path)
+    if member is None or member.name != expected:
+        found = member.name if member else b"end of archive"
         raise CorruptVolume(f"{_where(entry)}: holds {found!r} where {expected!r} belongs")
     if member.isfile():
-        yield from member_data(archive, member, entry)
+        yield from member_data(reader, member, entry)
+
+
+def member_name(path: str) -> bytes:
+    """The tar member name of a catalog path, as the backup wrote it."""
+    return path.lstrip("/").encode("utf-8", "surrogateescape") or b"."
 
 
 def volume_members(
-    repo: Repository, volume: str, identities: list[age.Identity]
-) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-    """Every member of a whole volume, streamed once from storage."""
+    repo: Repository,
+    volume: str,
+    identities: list[age.Identity],
+    *,
+    whole: bool = False,
+) -> Iterator[tuple[Member, TarReader]]:
+    """Every member of a whole volume, streamed once from storage. With `whole`, the
+    stream is read to its very end after the last member, so that the age layer has
+    authenticated every chunk of the volume, up to its final one."""
     with _present(volume):
         encrypted = repo.get(volume)
     with encrypted, age.Decryptor(encrypted, identities) as plain:
-        stream = zstandard.ZstdDecompressor().stream_reader(plain, read_across_frames=True)
+        stream = zstandard.ZstdDecompressor().stream_reader(
+            plain, read_size=READ_SIZE, read_across_frames=True
+        )
+        reader = TarReader(stream)  # type: ignore[arg-type]
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
-                for member in archive:
-                    yield member, archive
-        except (tarfile.TarError, zstandard.ZstdError, age.AgeError) as error:
+            while (member := reader.next()) is not None:
+                yield member, reader
+            if whole:
+                reader.drain()
+        except (TarError, zstandard.ZstdError, age.AgeError) as error:
             raise CorruptVolume(f"{volume}: {error}") from None
 
 
-def member_data(archive: tarfile.TarFile, member: tarfile.TarInfo, entry: Entry) -> Iterator[bytes]:
-    source = archive.extractfile(member)
-    assert source is not None
-    remaining = member.size
-    while remaining:
-        try:
-            block = source.read(min(remaining, 1 << 20))
-        except (tarfile.TarError, zstandard.ZstdError, age.AgeError, OSError) as error:
-            raise CorruptVolume(f"{_where(entry)}: {error}") from None
-        if not block:
-            raise CorruptVolume(f"{_where(entry)}: member data ends early")
-        remaining -= len(block)
-        yield block
+def member_data(reader: TarReader, member: Member, entry: Entry) -> Iterator[memoryview]:
+    try:
+        yield from reader.data(member)
+    except (TarError, zstandard.ZstdError, age.AgeError, OSError) as error:
+        raise CorruptVolume(f"{_where(entry)}: {error}") from None
 
 
 class _Limited(io.RawIOBase):

@@ -8,20 +8,31 @@ one bad file is reported and the others are still restored.
 """
 
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.archive import Archive, NoSnapshot, under
 from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry
-from agent.extract import ContentMismatch, Overwrite, Target, UnsafePath, components
-from agent.fetch import CorruptVolume, VolumeKeys, member_data, member_stream, read_member
+from agent.extract import Block, ContentMismatch, Overwrite, Sink, Target, UnsafePath, components
+from agent.fetch import (
+    CorruptVolume,
+    VolumeKeys,
+    member_data,
+    member_name,
+    member_stream,
+    read_member,
+)
 from agent.fetch import volume_members as stream_volume
 from agent.storage import NotFound
 from broker.snapshot import SnapshotRecord
 
 Progress = Callable[[int, int], None]  # (files done, bytes done)
+WORKERS = max(2, os.cpu_count() or 1)  # volumes restored at once: zstd, sha256, ChaCha20
+# and file I/O release the GIL, so threads keep every core busy
 
 
 @dataclass
@@ -30,6 +41,7 @@ class RestoreOutcome:
     files: int = 0
     bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)  # paths written (not left in place)
 
 
 def absolute(path: str) -> str:
@@ -46,17 +58,27 @@ def run_restore(
     overwrite: Overwrite = lambda path: False,
     strict: bool = True,
     progress: Progress | None = None,
+    sink: Sink | None = None,
+    whole: bool = False,
 ) -> RestoreOutcome:
     """Restore `paths` under `root` ("/" restores in place); `strict` forbids following
-    any symlink found under `root`, as a `--to DIR` restore must."""
+    any symlink found under `root`, as a `--to DIR` restore must.
+
+    `sink` replaces the directory tree under `root` (verify hashes instead of writing);
+    `whole` streams every volume that holds a requested file from its first byte to its
+    last, even where ranged reads would fetch less (verify tests whole volumes)."""
     outcome = RestoreOutcome()
     wanted = [absolute(p) for p in paths]
     chosen = choose_snapshots(archive, wanted, at, outcome)
-    target = Target(root, overwrite, strict)
-    restorer = _Restorer(archive, target, outcome, progress)
-    for record, _, selected in chosen:
-        restorer.restore(selected, _link_sources(archive, record, selected))
-    target.finish()
+    target = sink or Target(root, overwrite, strict)
+    restorer = _Restorer(archive, target, outcome, progress, whole)
+    try:
+        for record, _, selected in chosen:
+            restorer.restore(selected, _link_sources(archive, record, selected))
+        target.finish()
+    finally:
+        if isinstance(target, Target):
+            target.close()
     return outcome
 
 
@@ -102,14 +124,21 @@ def choose_snapshots(
 
 class _Restorer:
     def __init__(
-        self, archive: Archive, target: Target, outcome: RestoreOutcome, progress: Progress | None
+        self,
+        archive: Archive,
+        target: Sink,
+        outcome: RestoreOutcome,
+        progress: Progress | None,
+        whole: bool,
     ) -> None:
         self._archive = archive
         self._target = target
         self._outcome = outcome
         self._progress = progress
+        self._whole = whole
         self._keys = VolumeKeys(archive.repo, archive.identities)
-        self._written: set[str] = set()  # paths this restore wrote (not left in place)
+        self._written = outcome.written
+        self._lock = threading.Lock()  # the outcome's counts, from several threads
 
     def restore(self, entries: list[Entry], link_sources: list[Entry]) -> None:
         by_type: dict[str, list[Entry]] = defaultdict(list)
@@ -134,8 +163,7 @@ class _Restorer:
         by_volume: dict[str, list[tuple[Entry, Entry]]] = defaultdict(list)
         for job in jobs:
             by_volume[job[1].location.volume].append(job)  # type: ignore[union-attr]
-        for volume, volume_jobs in by_volume.items():
-            self._restore_volume(volume, volume_jobs)
+        self._restore_volumes(by_volume)
         for entry in by_type[SYMLINK]:
             self._guard(entry, self._target.symlink, entry)
         kept = [(entry, target) for entry, target in links if target.path not in self._written]
@@ -151,13 +179,26 @@ class _Restorer:
         for entry, target in links:
             copy = replace(entry, type=FILE, size=target.size, sha256=target.sha256)
             by_volume[target.location.volume].append((copy, target))  # type: ignore[union-attr]
-        for volume, jobs in by_volume.items():
-            self._restore_volume(volume, jobs)
+        self._restore_volumes(by_volume)
+
+    def _restore_volumes(self, by_volume: dict[str, list[tuple[Entry, Entry]]]) -> None:
+        """Volumes in parallel, each by one thread: they hold different files."""
+        if len(by_volume) <= 1:
+            for volume, jobs in by_volume.items():
+                self._restore_volume(volume, jobs)
+            return
+        pool = ThreadPoolExecutor(min(WORKERS, len(by_volume)), "restore")
+        try:
+            for done in [pool.submit(self._restore_volume, *item) for item in by_volume.items()]:
+                done.result()
+        finally:  # on Ctrl-C, volumes not started yet are not started at all
+            pool.shutdown(cancel_futures=True)
 
     def _restore_volume(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
         """Ranged reads when the files are a small part of the volume, else one stream."""
         size = self._archive.volume_sizes.get(volume) or self._volume_size(volume)
-        if 2 * sum(source.location.span for _, source in jobs) < size:  # type: ignore[union-attr]
+        spans = sum(source.location.span for _, source in jobs)  # type: ignore[union-attr]
+        if not self._whole and 2 * spans < size:
             for dest, source in jobs:
                 self._guard(dest, self._ranged, dest, source, size)
         else:
@@ -175,29 +216,35 @@ class _Restorer:
         self._write(dest, read_member(stream, source))
 
     def _streamed(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
-        pending: dict[str, list[Entry]] = defaultdict(list)
+        pending: dict[bytes, list[Entry]] = defaultdict(list)
         for dest, source in jobs:
-            pending[source.path.lstrip("/")].append(dest)
-        for member, archive in stream_volume(self._archive.repo, volume, self._archive.identities):
+            pending[member_name(source.path)].append(dest)
+        members = stream_volume(
+            self._archive.repo, volume, self._archive.identities, whole=self._whole
+        )
+        for member, reader in members:
             dests = pending.pop(member.name, [])
             if dests:
                 first, *others = dests
-                self._guard(first, self._write, first, member_data(archive, member, first))
+                self._guard(first, self._write, first, member_data(reader, member, first))
                 for other in others if first.path in self._written else []:
                     self._guard(other, self._target.hardlink, other, first)
-            if not pending:
+            if not pending and not self._whole:
                 return
+        if not pending:
+            return
         lost = ", ".join(dest.path for dests in pending.values() for dest in dests)
         raise CorruptVolume(f"{volume}: ends without {lost}")
 
-    def _write(self, entry: Entry, blocks: Iterable[bytes]) -> None:
+    def _write(self, entry: Entry, blocks: Iterable[Block]) -> None:
         if not self._target.file(entry, blocks):
             return  # left in place, as the overwrite policy said
-        self._written.add(entry.path)
-        self._outcome.files += 1
-        self._outcome.bytes += entry.size
-        if self._progress:
-            self._progress(self._outcome.files, self._outcome.bytes)
+        with self._lock:
+            self._written.add(entry.path)
+            self._outcome.files += 1
+            self._outcome.bytes += entry.size
+            if self._progress:
+                self._progress(self._outcome.files, self._outcome.bytes)
 
     def _guard(self, entry: Entry, action: Callable[..., object], *args: object) -> bool:
         """Run one step; a bad entry is reported, the restore goes on. True if it worked."""

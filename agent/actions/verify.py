@@ -14,10 +14,13 @@ volume that holds no file data (only directories, say) is checked by its stored 
 instead. Before its files are restored, each chosen volume's stored size is compared with
 its record, so a truncated volume fails even where the sampled file lies before the cut.
 
-`all` restores every file of the snapshot, in batches of volumes (one temporary directory
-per batch, so the scratch space needed stays bounded), and also downloads every volume the
-snapshot uses and checks its size and ciphertext sha256 against the record that wrote it
-(a volume whose record was forgotten is decrypted whole instead: age authenticates it).
+`all` reads every volume the snapshot uses once, through the same `run_restore` (the same
+fetch, decryption, decompression, tar reading and sha256 check of every file against the
+catalog, volumes in parallel), with a sink that hashes each file instead of writing it: no
+scratch space, and no second download. The same pass hashes the stored bytes, checked
+against the size and sha256 of the record that wrote the volume (a volume whose record was
+forgotten is authenticated whole by age instead). Volumes are taken in batches, so that
+the entries held in memory stay bounded.
 
 A failure names the volume and the files it affects: a missing volume, one whose size or
 sha256 differs from its record, or files that did not restore. `max_duration` stops
@@ -26,6 +29,7 @@ picking more volumes once the time is spent; the outcome says that it stopped.
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -37,19 +41,21 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from agent import age
 from agent.actions.restore import RestoreOutcome, run_restore
 from agent.archive import Archive, NoSnapshot
-from agent.catalog import FILE, HARDLINK, Entry, read_entries, write_entries
+from agent.catalog import FILE, HARDLINK, Entry
+from agent.extract import Block, ContentMismatch, Sink, components
 from agent.repository import Repository
-from agent.storage import NotFound
+from agent.storage import NotFound, StorageError
 from broker.plan import RestoreTest
 from broker.snapshot import SnapshotRecord, VolumeInfo
 
 DEFAULT_SAMPLE = RestoreTest().sample
-ALL_BATCH_BYTES = 2 << 30  # logical file bytes restored into one temporary directory
-ALL_BATCH_FILES = 50_000  # and at most this many files
+ALL_BATCH_BYTES = 2 << 30  # logical file bytes checked by one `run_restore` call
+ALL_BATCH_FILES = 50_000  # and at most this many files (their entries stay in memory)
 NAMED_FILES = 50  # files named in one failure message; `failed_files` has them all
 READ_SIZE = 1 << 20
 
@@ -132,8 +138,8 @@ class _Narrowed(Archive):
     """The archive, with the catalog of the snapshot under test narrowed to chosen entries.
     Everything else (records, keys, volume sizes, fetching) is the real archive's."""
 
-    def __init__(self, base: Archive, source: EntrySource) -> None:
-        super().__init__(base.repo, base.identities)
+    def __init__(self, base: Archive, source: EntrySource, repo: Repository | None = None) -> None:
+        super().__init__(repo or base.repo, base.identities)
         self._base = base
         self._source = source
         self.seen: dict[str, Entry] = {}  # every regular file handed out, by path
@@ -160,16 +166,107 @@ class _Narrowed(Archive):
             yield entry
 
 
-def _restore(archive: _Narrowed, record: SnapshotRecord, root: Path) -> RestoreOutcome:
-    """Restore everything the narrowed catalog holds, as `muster restore / --to` would."""
-    return run_restore(archive, ["/"], root, at=record.id, overwrite=lambda _: True, strict=True)
+def _restore(
+    archive: _Narrowed, record: SnapshotRecord, root: Path, sink: Sink | None
+) -> RestoreOutcome:
+    """Restore everything the narrowed catalog holds, as `muster restore / --to` would;
+    with a sink, every volume is read whole, into the sink."""
+    return run_restore(
+        archive,
+        ["/"],
+        root,
+        at=record.id,
+        overwrite=lambda _: True,
+        strict=True,
+        sink=sink,
+        whole=sink is not None,
+    )
 
 
-def _restored(root: Path, entry: Entry) -> bool:
-    """Restore writes a file under a temporary name and renames it into place only once
-    its sha256 matched the catalog: a regular file at its path passed."""
-    path = root.joinpath(*entry.path.split("/")[1:])
-    return path.is_file() and not path.is_symlink()
+class _Checker:
+    """A restore sink that hashes each file instead of writing it; the paths are still
+    checked as a restore checks them. `run_restore` counts a file as written only when
+    `file` returns, that is when its sha256 matched the catalog."""
+
+    def directory(self, entry: Entry) -> None:
+        components(entry.path)
+
+    def file(self, entry: Entry, blocks: Iterable[Block]) -> bool:
+        components(entry.path)
+        digest = hashlib.sha256()
+        for block in blocks:
+            digest.update(block)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            raise ContentMismatch(f"{entry.path}: content does not match the catalog's sha256")
+        return True
+
+    def symlink(self, entry: Entry) -> None:
+        components(entry.path)
+
+    def hardlink(self, entry: Entry, target: Entry) -> None:
+        components(entry.path)
+
+    def finish(self) -> None:
+        pass
+
+
+Stored = Callable[[str, str, int], None]  # (volume, sha256 of its bytes, size)
+
+
+class _HashedReads:
+    """The repository, with each whole-object read hashed as it streams: verify checks a
+    volume's stored bytes in the same pass that restores its files."""
+
+    def __init__(self, repo: Repository, stored: Stored) -> None:
+        self._repo = repo
+        self._stored = stored
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._repo, name)
+
+    def get(self, name: str) -> io.RawIOBase:
+        return _HashingReader(self._repo.get(name), lambda sha, size: self._stored(name, sha, size))
+
+
+class _HashingReader(io.RawIOBase):
+    """Hashes what is read; on close, reads what is left (a restore stopped by damage
+    still learns whether the stored bytes match their record) and reports the digest."""
+
+    def __init__(self, inner: BinaryIO, done: Callable[[str, int], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._done = done
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        readinto = getattr(self._inner, "readinto", None)
+        if readinto is not None:
+            count = readinto(view) or 0
+        else:
+            data = self._inner.read(len(view))
+            count = len(data)
+            view[:count] = data
+        self._digest.update(view[:count])
+        self._size += count
+        return count
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            with contextlib.suppress(OSError, StorageError):  # the read itself reported it
+                while block := self._inner.read(READ_SIZE):
+                    self._digest.update(block)
+                    self._size += len(block)
+                self._done(self._digest.hexdigest(), self._size)
+        finally:
+            self._inner.close()
+            super().close()
 
 
 def _testable(entry: Entry) -> bool:
@@ -247,15 +344,21 @@ class _Verify:
         except NotFound:
             self.problems[volume].append("missing from storage")
             return False
+        self.stored(volume, digest.hexdigest(), size)
+        return True
+
+    def stored(self, volume: str, digest: str, size: int) -> None:
+        """Compare a volume's stored bytes, read whole, with the record that wrote it."""
+        info = self.infos.get(volume)
+        if info is None:
+            return  # no record left: age authenticated the volume as it was read
         if size != info.size:
             how = "truncated" if size < info.size else "longer than written"
             self.problems[volume].append(f"{how}: {size} bytes stored, the record says {info.size}")
-        elif digest.hexdigest() != info.sha256:
+        elif digest != info.sha256:
             self.problems[volume].append(
-                f"tampered: sha256 {digest.hexdigest()[:16]}... differs from the record's "
-                f"{info.sha256[:16]}..."
+                f"tampered: sha256 {digest[:16]}... differs from the record's {info.sha256[:16]}..."
             )
-        return True
 
     def _decrypts(self, volume: str) -> bool:
         try:
@@ -271,21 +374,22 @@ class _Verify:
 
     # -- restoring ---------------------------------------------------------------------
 
-    def restore(self, source: EntrySource, volumes: set[str]) -> list[Entry]:
-        """Restore what `source` yields into a fresh temporary directory; returns the
-        files it held, and notes which of them failed and why."""
-        narrowed = _Narrowed(self.archive, source)
+    def restore(self, source: EntrySource, volumes: set[str], whole: bool = False) -> list[Entry]:
+        """Restore what `source` yields into a fresh temporary directory, or with `whole`
+        into a hashing sink, reading each volume whole and checking its stored bytes;
+        returns the files it held, and notes which of them failed and why."""
+        repo = _HashedReads(self.repo, self.stored) if whole else None
+        narrowed = _Narrowed(self.archive, source, repo)  # type: ignore[arg-type]
         with tempfile.TemporaryDirectory(prefix="muster-verify-", dir=self.scratch) as temp:
-            root = Path(temp)
             try:
-                result = _restore(narrowed, self.record, root)
+                result = _restore(narrowed, self.record, Path(temp), _Checker() if whole else None)
             except NotFound as error:  # a volume vanished between the HEAD and the GET
                 result = RestoreOutcome(errors=[str(error)])
             except NoSnapshot:  # nothing in this part of the catalog
                 result = RestoreOutcome()
             files = list(narrowed.seen.values())
             for entry in files:
-                if not _restored(root, entry):
+                if entry.path not in result.written:
                     self.failed[entry.location.volume].add(entry.path)  # type: ignore[union-attr]
         self.outcome.files_checked += len(files)
         self.outcome.bytes_checked += sum(e.size for e in files)
@@ -437,61 +541,75 @@ def _allocate(
 
 
 def _verify_all(run: _Verify) -> VerifyOutcome:
+    tested, present = _stored_sizes(run)
+    survey = _Survey(run)
+    for volume in tested:
+        if volume not in present:
+            run.failed[volume].update(survey.holders.get(volume, []))
+        elif not survey.totals[volume][1]:  # no file data to restore: check its stored bytes
+            run.check_stored_bytes(volume)
+    readable = [v for v in tested if v in present and survey.totals[v][1]]
+    for batch in _batches(readable, survey.totals):
+        if run.out_of_time():
+            break
+        members = set(batch)
+        named = set().union(*(survey.links.get(v, set()) for v in batch))
+        files = run.restore(
+            lambda record, members=members, named=named: _only(
+                run.archive.entries, record, members, named, present
+            ),
+            members,
+            whole=True,
+        )
+        _note_holders(run, files, survey.holders)
+    return run.finish(tested, survey.holders)
+
+
+def _stored_sizes(run: _Verify) -> tuple[list[str], set[str]]:
+    """A HEAD of each volume, while time lasts: those tested, and those present."""
     tested: list[str] = []
-    with contextlib.ExitStack() as stack:
-        catalog = _local_catalog(run, stack)
-        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # volume -> [bytes, files]
-        holders: dict[str, list[str]] = defaultdict(list)
-        links: dict[str, set[str]] = defaultdict(set)  # volume -> files its hard links name
-        present = set()
-        for volume in sorted(run.volumes):
-            if run.out_of_time():
-                break
-            tested.append(volume)
-            if run.check_stored_bytes(volume):
-                present.add(volume)
-        with catalog(run.record) as entries:
+    present = set()
+    for volume in sorted(run.volumes):
+        if run.out_of_time():
+            break
+        tested.append(volume)
+        if run.check_stored_size(volume):
+            present.add(volume)
+    return tested, present
+
+
+class _Survey:
+    """One pass over the catalog (from the cache, or fetched once and kept by the
+    Archive): what each volume holds, to batch the volumes and name damaged ones' files."""
+
+    def __init__(self, run: _Verify) -> None:
+        self.totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # [bytes, files]
+        self.holders: dict[str, list[str]] = defaultdict(list)  # files of damaged volumes
+        self.links: dict[str, set[str]] = defaultdict(set)  # files its hard links name
+        with run.archive.entries(run.record) as entries:
             for entry in entries:
-                if entry.location is None:
-                    continue
-                volume = entry.location.volume
-                totals[volume][0] += entry.size
-                totals[volume][1] += entry.type == FILE
-                if volume in run.problems and entry.type == FILE:
-                    holders[volume].append(entry.path)
-                if entry.type == HARDLINK and entry.link:
-                    links[volume].add(entry.link)
-        for volume in tested:
-            if volume not in present:
-                run.failed[volume].update(holders.get(volume, []))
-        for batch in _batches([v for v in tested if v in present], totals):
-            if run.out_of_time():
-                break
-            members = set(batch)
-            named = set().union(*(links.get(v, set()) for v in batch))
-            run.restore(
-                lambda record, members=members, named=named: _only(
-                    catalog, record, members, named, present
-                ),
-                members,
-            )
-    return run.finish(tested, holders)
+                if entry.location is not None:
+                    self._add(run, entry, entry.location.volume)
+
+    def _add(self, run: _Verify, entry: Entry, volume: str) -> None:
+        self.totals[volume][0] += entry.size
+        self.totals[volume][1] += entry.type == FILE
+        if volume in run.problems and entry.type == FILE:
+            self.holders[volume].append(entry.path)
+        if entry.type == HARDLINK and entry.link:
+            self.links[volume].add(entry.link)
 
 
-def _local_catalog(run: _Verify, stack: contextlib.ExitStack) -> EntrySource:
-    """The snapshot's catalog, read once (from the cache or storage) into a private
-    temporary file: `all` reads it once more per batch."""
-    directory = stack.enter_context(tempfile.TemporaryDirectory(dir=run.scratch))
-    path = Path(directory, "catalog.jsonl.zst")
-    with run.archive.entries(run.record) as entries, path.open("wb") as out:
-        write_entries(entries, out, level=1)
-
-    @contextlib.contextmanager
-    def source(_record: SnapshotRecord) -> Iterator[Iterator[Entry]]:
-        with path.open("rb") as stream:
-            yield read_entries(stream)
-
-    return source
+def _note_holders(run: _Verify, files: list[Entry], holders: dict[str, list[str]]) -> None:
+    """The files of volumes whose stored bytes turned out damaged: all of them affected."""
+    damaged = set()
+    for entry in files:
+        volume = entry.location.volume  # type: ignore[union-attr]
+        if run.problems.get(volume):
+            holders[volume].append(entry.path)
+            damaged.add(volume)
+    for volume in damaged:
+        holders[volume] = list(dict.fromkeys(holders[volume]))
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ through the storage API itself (read an object, change it, put it back)."""
 from __future__ import annotations
 
 import os
+import resource
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import age
+from agent.actions import restore as restore_module
 from agent.actions.backup import run_backup
 from agent.actions.forget import run_forget
 from agent.actions.restore import run_restore
@@ -581,3 +584,141 @@ def test_members_after_a_tar_hard_link_restore(local: Setup, tmp_path: Path) -> 
     local.backup()
     restore = run_restore(local.archive(), [str(local.source)], tmp_path / "out")
     assert restore.errors == []
+
+
+# -- volumes read in parallel ----------------------------------------------------------------
+
+
+def tree_of(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Relative path -> (content, mode, mtime) of every regular file under root."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_parallel_restore_of_many_volumes_matches_a_one_at_a_time_restore(
+    local: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for folder in ("a", "b/c", "d"):
+        (local.source / folder).mkdir(parents=True)
+        fill(local.source / folder, 8, 60_000)
+    (local.source / "b" / "c" / "f03").chmod(0o600)
+    record = local.backup()
+    assert len(record.volumes) >= 4
+    threads: set[str] = set()
+    real_file = restore_module.Target.file
+
+    def noting_thread(self, entry, blocks):  # type: ignore[no-untyped-def]
+        threads.add(threading.current_thread().name)
+        return real_file(self, entry, blocks)
+
+    monkeypatch.setattr(restore_module.Target, "file", noting_thread)
+    parallel = run_restore(local.archive(), [str(local.source)], tmp_path / "parallel")
+    assert len(threads) > 1  # volumes really were restored by several threads
+    monkeypatch.setattr(restore_module, "WORKERS", 1)
+    threads.clear()
+    serial = run_restore(local.archive(), [str(local.source)], tmp_path / "serial")
+    assert len(threads) == 1
+    assert parallel.errors == serial.errors == []
+    assert parallel.files == serial.files == 24
+    expected = tree_of(local.source)
+    assert tree_of(restored_root(tmp_path / "parallel", local.source)) == expected
+    assert tree_of(restored_root(tmp_path / "serial", local.source)) == expected
+
+
+def restored_root(out: Path, source: Path) -> Path:
+    return out / str(source).lstrip("/")
+
+
+def test_all_names_each_damaged_volume_with_its_own_files(local: Setup) -> None:
+    """Volumes are checked in parallel: each failure still names its volume and only the
+    files that volume holds, and the intact volumes pass."""
+    fill(local.source, 24, 60_000)
+    record = local.backup()
+    files = local.files(record)
+    flipped, cut = record.volumes[1].name, record.volumes[3].name
+    data = bytearray(local.read(flipped))
+    data[len(data) // 2] ^= 0x01
+    local.write(flipped, bytes(data))
+    local.write(cut, local.read(cut)[:-1000])
+    outcome = local.verify(all=True)
+    assert not outcome.ok
+    assert set(outcome.failed_files) == {flipped, cut}
+    for volume in (flipped, cut):
+        mine = [f for f in outcome.failures if f.startswith(volume + ":")]
+        assert len(mine) == 1, outcome.failures
+        named = set(outcome.failed_files[volume])
+        assert named and named <= {e.path for e in files[volume]}
+        assert named_in(mine, sorted(named))  # the message names them too
+    assert "sha256" in next(f for f in outcome.failures if f.startswith(flipped))
+    assert "truncated" in next(f for f in outcome.failures if f.startswith(cut))
+    assert outcome.files_checked == 24
+    state = Coverage(local.state, KEY)
+    assert set(state.tested) == {v.name for v in record.volumes} - {flipped, cut}
+
+
+def test_all_covers_every_volume_and_rotation_resumes_at_a_damaged_one(local: Setup) -> None:
+    fill(local.source, 12, 60_000)
+    record = local.backup()
+    volumes = {v.name for v in record.volumes}
+    everything = local.verify(all=True)
+    assert everything.ok and everything.coverage == 1.0
+    assert set(Coverage(local.state, KEY).tested) == volumes
+    victim = record.volumes[2].name
+    data = bytearray(local.read(victim))
+    data[-5] ^= 0x80  # the final chunk's tag: every file still restores
+    local.write(victim, bytes(data))
+    damaged = local.verify(all=True)
+    assert set(damaged.failed_files) == {victim}
+    assert damaged.coverage == pytest.approx((len(volumes) - 1) / len(volumes))
+    assert local.verify(sample=1).volumes_tested == [victim]  # tested first next time
+
+
+def test_modes_come_back_whatever_the_umask(local: Setup, tmp_path: Path) -> None:
+    """Files are created with their own mode where the umask allows it, and chmod-ed
+    only where it does not: both ways must end in the catalog's mode."""
+    modes = {"public": 0o644, "private": 0o600, "tool": 0o755, "shared": 0o666, "odd": 0o640}
+    for name, mode in modes.items():
+        (local.source / name).write_bytes(name.encode())
+        (local.source / name).chmod(mode)
+    local.backup()
+    for umask in (0o022, 0o077, 0o000):
+        old = os.umask(umask)
+        try:
+            out = tmp_path / f"umask-{umask:03o}"
+            assert run_restore(local.archive(), [str(local.source)], out).errors == []
+        finally:
+            os.umask(old)
+        back = restored_root(out, local.source)
+        assert {n: (back / n).stat().st_mode & 0o7777 for n in modes} == modes
+
+
+def test_restoring_from_several_snapshots_keeps_open_fds_bounded(
+    local: Setup, tmp_path: Path
+) -> None:
+    """Each snapshot's volumes get their own pool of threads, each thread its own cache of
+    open directories: under a low fd limit the restore still works, and leaves none open."""
+    for number in range(120):
+        (local.source / f"d{number:03d}").mkdir()
+        (local.source / f"d{number:03d}" / "f").write_bytes(os.urandom(9_000))
+    local.backup()
+    for number in range(0, 120, 2):  # newer versions of half the files, in new volumes
+        (local.source / f"d{number:03d}" / "f").write_bytes(os.urandom(9_000))
+    local.backup()
+    (local.source / "d000" / "f").unlink()
+    (local.source / "d000").rmdir()  # then restored from the second snapshot
+    local.backup()
+    wanted = [str(local.source / f"d{n:03d}") for n in range(120)]
+    fds = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fds + 64, hard))
+    try:
+        outcome = run_restore(local.archive(), wanted, tmp_path / "out")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert outcome.errors == []
+    assert len(set(outcome.snapshots.values())) >= 2
+    assert outcome.files == 120
+    assert len(os.listdir("/proc/self/fd")) == fds

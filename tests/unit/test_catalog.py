@@ -43,3 +43,18 @@ def test_the_prefilter_keeps_what_matches_and_nothing_is_lost():
         compressed.seek(0)
         found = [e.path for e in read_entries(compressed, [path_needle(path)])]
         assert path in found
+
+
+def test_the_needle_scan_finds_lines_cut_by_block_boundaries():
+    """More than a MiB of lines: the scan works on 1 MiB blocks, so lines straddle them."""
+    paths = sorted(f"/srv/d{n % 7}/file-{n:06d}-" + "p" * (n % 97) for n in range(12_000))
+    paths += [f"/zz/{name}" for name in ODD[1:]]
+    compressed = io.BytesIO()
+    write_entries([entry(p) for p in paths], compressed)
+    assert sum(len(encode_line(entry(p))) for p in paths) > 2 << 20
+    for wanted in (["/srv/d3"], ["/srv/d1/file-000008-pppppppp", "/zz"], ["/"], ["/nowhere"]):
+        needles = [path_needle(p) for p in wanted]
+        compressed.seek(0)
+        found = [e.path for e in read_entries(compressed, needles)]
+        expected = [p for p in paths if any(n in encode_line(entry(p)) for n in needles)]
+        assert found == expected
