@@ -47,10 +47,14 @@ class Publisher:
     """Publishes contract messages with confirms, persistence and retries."""
 
     def __init__(self, channel: Any, retry_policy: dict[str, Any] | None = None):
-        self._producer = Producer(channel)
+        self._producer = Producer(channel, on_return=self._on_return)
         self._retry_policy = retry_policy or RETRY_POLICY
+        self._returned: set[str] = set()
 
-    def publish(self, message: Message) -> None:
+    def publish(self, message: Message, mandatory: bool = False) -> bool:
+        """Publish and wait for the confirm. With `mandatory`, returns False when no queue
+        took the message: RabbitMQ hands an unroutable mandatory message back before it
+        confirms it, so the answer is known without asking whether the queue exists."""
         exchange = PLANS if message.type == "plan" else EVENTS
         self._send(
             encode(message),
@@ -59,7 +63,15 @@ class Publisher:
             message_id=message.id,
             type=message.type,
             delivery_mode=2 if message.type in PERSISTENT_TYPES else 1,
+            mandatory=mandatory,
         )
+        if message.id in self._returned:
+            self._returned.discard(message.id)
+            return False
+        return True
+
+    def _on_return(self, error: Exception, exchange: str, key: str, returned: Any) -> None:
+        self._returned.add(returned.properties.get("message_id", ""))
 
     def dead_letter(self, delivery: Delivery, reason: str, queue: str) -> None:
         """Park a message we cannot process, byte for byte, with the reason an operator

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kombu import Connection
 
 from broker.connection import RETRY_POLICY, ContractConsumer
-from broker.messages import Alert, Announce, AnyMessage, Keepalive
+from broker.messages import Alert, Announce, AnyMessage, Keepalive, SignedPlan
 from broker.rules import Problem, RulesError, RuleSet, load_rules, parse_rules, revision_of
 from broker.signing import key_id, sign_plan
 from broker.topology import RULEENGINE_QUEUE, plan_queue
@@ -147,8 +147,7 @@ class RuleEngine(ContractConsumer):
             self.counts["unchanged"] += 1
             log.debug("%s %s: plan %s unchanged", message.type, message.node, digest)
             return
-        self._declare_plan_queue(message.node)
-        self.publisher.publish(sign_plan(plan, self._key))
+        self._send_plan(sign_plan(plan, self._key))
         self.counts["published"] += 1
         log.info(
             "%s %s: sent plan %s (%d jobs; node had %s; rules %s)",
@@ -160,12 +159,20 @@ class RuleEngine(ContractConsumer):
             rules.revision[:19],
         )
 
-    def _declare_plan_queue(self, node: str) -> None:
-        """Plans go through a direct exchange and are dropped if the node's queue does
-        not exist yet (an agent that announces before it declares its queue). Declaring
-        it here is idempotent and renews its expiry only while the node is alive."""
+    def _send_plan(self, signed: SignedPlan) -> None:
+        """Publish a plan as mandatory: a node's queue nearly always exists (its agent
+        declares it before announcing and keeps consuming), so declaring it for every
+        plan cost three round trips for nothing. When it does not exist (an agent that
+        announces before it declares, or a queue expired since), RabbitMQ returns the
+        plan; then declare the queue and send it again, so no plan is silently lost."""
+        if self.publisher.publish(signed, mandatory=True):
+            return
+        node = signed.plan.node
         queue = plan_queue(node)(self.output.default_channel)
         self.output.ensure(queue, queue.declare, **RETRY_POLICY)()
+        self.counts["queue_declared"] += 1
+        if not self.publisher.publish(signed, mandatory=True):
+            raise RuntimeError(f"plan for {node} unroutable even after declaring its queue")
 
     # -- reloading --------------------------------------------------------------------------
 

@@ -210,7 +210,32 @@ def test_the_engine_declares_a_missing_plan_queue_so_no_plan_is_lost(make_node, 
     node = make_node()  # announces before declaring its queue
     node.announce()
     wait_for(lambda: engine.counts["published"] == 1, what="the plan to be published")
+    assert engine.counts["queue_declared"] == 1
     assert node.receive() is not None
+
+
+def test_a_plan_queue_that_expired_since_the_last_plan_still_gets_the_next_one(
+    connection, make_node, start_engine, rules_file
+):
+    """The engine no longer declares a node's queue before every plan: it publishes as
+    mandatory and declares only when RabbitMQ hands the plan back. A queue deleted in
+    between (as `x-expires` does) must not swallow the next plan."""
+    engine = start_engine()
+    node = make_node().declare()
+    node.announce()
+    assert node.receive() is not None
+    assert engine.counts["queue_declared"] == 0, "declared a queue that existed"
+    with connection.channel() as channel:
+        plan_queue(node.name)(channel).delete()
+    old_revision = engine.watcher.current.revision
+    replace(rules_file, CHANGED_RULES)
+    wait_for(lambda: engine.watcher.current.revision != old_revision, what="the reload")
+    node.keepalive()
+    wait_for(lambda: engine.counts["published"] == 2, what="the second plan")
+    assert engine.counts["queue_declared"] == 1
+    plan = node.receive()
+    assert plan is not None, "the plan for the expired queue was lost"
+    assert [job.name for job in plan.jobs] == ["etc", "logs", "www"]
 
 
 def test_a_keepalive_with_the_current_hash_gets_nothing(make_node, start_engine):
