@@ -82,7 +82,7 @@ class ReporterProcess:
         port = free_port()
         env = {
             **os.environ,
-            "MUSTER_LOG_LEVEL": "warning",
+            "MUSTER_LOG_LEVEL": os.environ.get("MUSTER_LOG_LEVEL", "warning"),
             "MUSTER_METRICS_CACHE": "86400",  # fleet metrics read once, from an empty database
             "PYTHONUNBUFFERED": "1",
         }
@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", type=Path, default=conv.RULES)
     parser.add_argument("--engine-heartbeat", type=int, help="MUSTER_HEARTBEAT for the engines")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--logs", type=Path, help="keep the processes' logs in this directory")
     parser.add_argument(
         "--services-dir",
         type=Path,
@@ -411,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="muster-fleet-") as tmp,
         conv.services(args.services_dir, ("rabbitmq", "mongo")) as servers,
     ):
+        work = args.logs or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for size in (int(n) for n in args.nodes.split(",")):
-            results.append(measure(args, servers, size, Path(tmp)))
+            results.append(measure(args, servers, size, work))
             if args.json:
                 args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
     print(render(results))
