@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -74,6 +76,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RULES = REPO_ROOT / "examples" / "rules.yaml"
 RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ENVELOPE_TIME = re.compile(rb'"time":"[^"]*"')  # a message's own time comes first
 PLAN_QUEUE_ARGS = {"x-expires": PLAN_QUEUE_EXPIRES_MS, "x-max-length": 1, "x-overflow": "drop-head"}
 
 
@@ -122,6 +125,17 @@ class Node:
     node: str
     facts: Facts
     plan_hash: str | None = None
+
+
+def restamp(body: bytes, when: bytes | None = None) -> bytes:
+    """The message sent again now: the reporter takes a node's last sign of life from
+    the message's own time, so a message built before a long setup must not look old."""
+    when = when or now_stamp()
+    return ENVELOPE_TIME.sub(b'"time":"' + when + b'"', body, count=1)
+
+
+def now_stamp() -> bytes:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
 
 
 # -- AMQP helpers ------------------------------------------------------------------------------
@@ -506,6 +520,8 @@ def converge(
     """Publish every announce and wait until every node holds its plan; fills `result`
     and returns the monotonic time of the first announce."""
     nodes_count = len(announces)
+    stamp = now_stamp()
+    announces = [(restamp(body, stamp), *rest) for body, *rest in announces]
     started = time.monotonic()
     receiver.start(declare=args.cold)  # cold: the queues are created meanwhile
     for offset in range(0, nodes_count, args.batch):
@@ -644,10 +660,12 @@ def steady_state(
         due = min(total, int(now / args.interval * count) + 1)
         batch = extra(now) if extra else []
         extras += len(batch)
+        stamp = now_stamp()
         for number in range(sent, due):
             body, key, old_id = templates[number % count]
             new_id = uuid.uuid4().hex
-            batch.append((body.replace(old_id.encode(), new_id.encode(), 1), key, new_id, 1))
+            body = restamp(body.replace(old_id.encode(), new_id.encode(), 1), stamp)
+            batch.append((body, key, new_id, 1))
         if batch:
             publisher.publish_batch(batch)
         if due > sent:
