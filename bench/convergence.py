@@ -771,27 +771,32 @@ def render(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.convergence",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a simulated fleet, the same in bench.convergence and bench.fleet."""
     parser.add_argument("--nodes", default="1000,10000", help="fleet sizes, comma-separated")
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--batch", type=int, default=500, help="announces per confirm batch")
-    parser.add_argument("--steady", type=float, default=60, help="seconds of keepalives; 0: none")
+    parser.add_argument("--steady", type=float, default=60, help="seconds of steady state; 0: none")
     parser.add_argument("--interval", type=float, default=20, help="keepalive interval, seconds")
     parser.add_argument("--timeout", type=float, default=300, help="give up converging after")
     parser.add_argument("--verify", type=int, default=500, help="plans to verify_plan")
     parser.add_argument("--rules", type=Path, default=RULES)
-    parser.add_argument("--profile", type=Path, help="run the engines under cProfile, into DIR")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument(
         "--engine-heartbeat",
         type=int,
         help="MUSTER_HEARTBEAT for the engines (0: off) [default: their own, 20 s]",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.convergence",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fleet_arguments(parser)
+    parser.add_argument("--profile", type=Path, help="run the engines under cProfile, into DIR")
     parser.add_argument(
         "--cold",
         action="store_true",

@@ -387,18 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--nodes", default="1000,10000", help="fleet sizes, comma-separated")
-    parser.add_argument("--engines", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=500, help="announces per confirm batch")
-    parser.add_argument("--steady", type=float, default=60, help="seconds of steady state")
-    parser.add_argument("--interval", type=float, default=20, help="keepalive interval, seconds")
+    conv.fleet_arguments(parser)
     parser.add_argument("--runs-per-hour", type=float, default=1, help="backups per node")
-    parser.add_argument("--timeout", type=float, default=300, help="give up converging after")
     parser.add_argument("--drain", type=float, default=120, help="wait for the reporter at most")
-    parser.add_argument("--verify", type=int, default=500, help="plans to verify_plan")
-    parser.add_argument("--rules", type=Path, default=conv.RULES)
-    parser.add_argument("--engine-heartbeat", type=int, help="MUSTER_HEARTBEAT for the engines")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs in this directory")
     parser.add_argument(
         "--services-dir",

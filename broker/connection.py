@@ -258,4 +258,8 @@ class ContractConsumer(ConsumerMixin):
             log.exception("handler failed on %s message %s; requeued", message.type, message.id)
             delivery.requeue()
             return
+        self.answered(delivery)
+
+    def answered(self, delivery: Delivery) -> None:
+        """The handler is done with `delivery`: acknowledge it (a subclass may batch)."""
         delivery.ack()

@@ -121,7 +121,7 @@ class RuleEngine(ContractConsumer):
         watcher: RulesWatcher,
         signing_key: Ed25519PrivateKey,
         *,
-        prefetch: int = 20,
+        prefetch: int = 100,
         reload_interval: float = 3.0,
         instance: str | None = None,
         flush_interval: float = 0.05,
@@ -177,16 +177,8 @@ class RuleEngine(ContractConsumer):
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _on_message(self, queue: str, delivery: Delivery) -> None:
-        message = self.decoded(queue, delivery)
-        if message is None:
-            return
-        try:
-            self.handle(message)
-        except Exception:
-            log.exception("handler failed on %s message %s; requeued", message.type, message.id)
-            delivery.requeue()
-            return
+    def answered(self, delivery: Delivery) -> None:
+        """Hold the delivery until the plans of its batch are confirmed."""
         if not self._held:
             self._oldest = time.monotonic()
         self._held.append(delivery)
