@@ -1,7 +1,8 @@
 """Fleet simulation: a booting fleet, then its steady state, through every central process.
 
     python -m bench.fleet --nodes 1000,10000 [--engines 2] [--steady 60]
-                          [--interval 20] [--runs-per-hour 1] [--json FILE]
+                          [--interval 20] [--runs-per-hour 1] [--drain 120]
+                          [--logs DIR] [--json FILE]
 
 What bench.convergence measures (N simulated agents announcing at once against the real
 RabbitMQ and `--engines` real `muster ruleengine run` processes; see its docstring for
@@ -25,8 +26,10 @@ counters every 0.5 s does not read MongoDB.
 Reported: convergence time; events/s written by the reporter during the boot and during
 the steady state against the rate offered (its `muster_reporter_messages_total`
 counters); the depth of `muster.ruleengine`, `muster.reporter` and `muster.dead` every
-0.5 s (max and last); CPU share and RSS (peak = VmHWM, and at the end) of each engine,
-the reporter, RabbitMQ and SecantusDB.
+0.5 s (max and last); CPU share and RSS (peak, and at the end) of each engine, the
+reporter, RabbitMQ and SecantusDB (peak: VmHWM for the processes started here, the
+largest sample for the servers, which outlive a run). Every message carries the time it
+is sent: the reporter dates a node's last sign of life by it.
 """
 
 from __future__ import annotations
