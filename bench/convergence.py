@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -49,8 +50,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -74,6 +76,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RULES = REPO_ROOT / "examples" / "rules.yaml"
 RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ENVELOPE_TIME = re.compile(rb'"time":"[^"]*"')  # a message's own time comes first
 PLAN_QUEUE_ARGS = {"x-expires": PLAN_QUEUE_EXPIRES_MS, "x-max-length": 1, "x-overflow": "drop-head"}
 
 
@@ -124,6 +127,17 @@ class Node:
     plan_hash: str | None = None
 
 
+def restamp(body: bytes, when: bytes | None = None) -> bytes:
+    """The message sent again now: the reporter takes a node's last sign of life from
+    the message's own time, so a message built before a long setup must not look old."""
+    when = when or now_stamp()
+    return ENVELOPE_TIME.sub(b'"time":"' + when + b'"', body, count=1)
+
+
+def now_stamp() -> bytes:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+
+
 # -- AMQP helpers ------------------------------------------------------------------------------
 
 
@@ -154,6 +168,10 @@ class ConfirmingPublisher:
         self._nacked = 0
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
+
+    @property
+    def sent(self) -> int:
+        return self._sent
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._acked = delivery_tag if multiple else self._acked + 1
@@ -350,21 +368,37 @@ def stop_engines(engines: list[Engine]) -> list[str]:
 
 
 class Sampler:
-    """`muster.ruleengine` depth and the engines' and RabbitMQ's CPU and memory, every 0.5 s."""
+    """Every 0.5 s: the depth of `queues` (the first one also as `depth`, with its
+    consumers), the CPU and memory of `pids` and RabbitMQ's CPU, and what `probe` says."""
 
-    def __init__(self, url: str, pids: list[int], broker_pid: int | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        pids: list[int],
+        broker_pid: int | None,
+        queues: tuple[str, ...] = (RULEENGINE_QUEUE.name,),
+        probe: Callable[[], Any] | None = None,
+    ) -> None:
         self.connection = amqp_connection(url)
         self.channel = self.connection.channel()
         self.pids = pids
         self.broker_pid = broker_pid
+        self.queues = queues
+        self.probe = probe
         self.samples: list[dict[str, Any]] = []
         self.hwm = dict.fromkeys(pids, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
 
     def sample(self) -> dict[str, Any]:
-        _, ready, consumers = self.channel.queue_declare(RULEENGINE_QUEUE.name, passive=True)
-        row: dict[str, Any] = {"t": time.monotonic(), "depth": ready, "consumers": consumers}
+        row: dict[str, Any] = {"t": time.monotonic(), "depths": {}}
+        for queue in self.queues:
+            _, ready, consumers = self.channel.queue_declare(queue, passive=True)
+            row["depths"][queue] = ready
+            row.setdefault("depth", ready)
+            row.setdefault("consumers", consumers)
+        if self.probe is not None:
+            row["probe"] = self.probe()
         row["cpu"] = [cpu_seconds(pid) for pid in self.pids]
         row["rss"] = [proc_status(pid)["VmRSS"] for pid in self.pids]
         for pid in self.pids:
@@ -428,10 +462,10 @@ class Result:
     load_after: str = ""
 
 
-def measure(args: argparse.Namespace, url: str, nodes_count: int, work: Path) -> Result:
+def make_fleet(nodes_count: int, work: Path) -> tuple[str, Path, TrustedKeys, list[Node], list]:
+    """A run id, a fresh signing key (its path, and the public half as trusted keys), the
+    simulated nodes and their announces (body, routing key, message id, delivery mode)."""
     run = uuid.uuid4().hex[:6]
-    result = Result(nodes=nodes_count, engines=args.engines, load_before=loadavg())
-    log(f"{nodes_count} nodes, {args.engines} engines (load {result.load_before})")
     key = work / f"signing-{run}.pem"
     public = TrustedKeys([generate_signing_key(key).public_key()])
     nodes = [Node(i, *node_facts(i, run)) for i in range(nodes_count)]
@@ -441,14 +475,89 @@ def measure(args: argparse.Namespace, url: str, nodes_count: int, work: Path) ->
             node=node.node, facts=node.facts, agent_version="0.1.0", recipient=RECIPIENT
         )
         announces.append((encode(message), routing_key(message), message.id, 2))
+    return run, key, public, nodes, announces
 
-    admin = amqp_connection(url)
-    channel = admin.channel()
-    for queue in (RULEENGINE_QUEUE.name, REPORTER_QUEUE.name):  # leftovers of a killed run
-        try:
+
+def purge(admin: AmqpConnection, queues: tuple[str, ...]) -> None:
+    """Empty shared queues (leftovers of a killed run); a missing one is not an error."""
+    for queue in queues:
+        channel = admin.channel()
+        with contextlib.suppress(Exception):
             channel.queue_purge(queue)
-        except Exception:  # not declared yet: a fresh broker
-            channel = admin.channel()
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+def wait_consuming(
+    admin: AmqpConnection,
+    queue: str,
+    count: int,
+    processes: list[subprocess.Popen[bytes]],
+    work: Path,
+) -> None:
+    """Wait until `count` consumers read `queue` (the processes declare it)."""
+    deadline = time.monotonic() + 60
+    while True:
+        channel = admin.channel()
+        with contextlib.suppress(Exception):
+            _, _, consumers = channel.queue_declare(queue, passive=True)
+            if consumers >= count:
+                channel.close()
+                return
+        if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+            raise SystemExit(f"no {count} consumers on {queue}; see the logs in {work}")
+        time.sleep(0.2)
+
+
+def converge(
+    args: argparse.Namespace,
+    announces: list,
+    publisher: ConfirmingPublisher,
+    receiver: PlanReceiver,
+    sampler: Sampler,
+    result: Result,
+) -> float:
+    """Publish every announce and wait until every node holds its plan; fills `result`
+    and returns the monotonic time of the first announce."""
+    nodes_count = len(announces)
+    stamp = now_stamp()
+    announces = [(restamp(body, stamp), *rest) for body, *rest in announces]
+    started = time.monotonic()
+    receiver.start(declare=args.cold)  # cold: the queues are created meanwhile
+    for offset in range(0, nodes_count, args.batch):
+        publisher.publish_batch(announces[offset : offset + args.batch])
+    result.publish_s = round(time.monotonic() - started, 2)
+    log(f"  {nodes_count} announces published and confirmed in {result.publish_s} s")
+    if receiver.all_in.wait(args.timeout):
+        finished = max(receiver.arrival.values())
+        result.converge_s = round(finished - started, 2)
+        result.plans_per_s = round(nodes_count / result.converge_s)
+    else:
+        finished = time.monotonic()
+        log(f"  TIMEOUT: {len(receiver.arrival)} of {nodes_count} nodes have a plan")
+    if args.cold:
+        result.declare_s = round(receiver.declared_s, 2)
+        log(f"  cold: declared and consuming the plan queues took {result.declare_s} s")
+    times = sorted(t - started for t in receiver.arrival.values())
+    for share in (0.5, 0.9, 0.99, 1.0):
+        if times:
+            position = min(len(times) - 1, int(share * nodes_count) - 1)
+            result.arrivals[f"p{int(share * 100)}"] = round(times[position], 2)
+    time.sleep(0.6)
+    converge_samples = window(sampler.samples, started - 1, finished + 0.6)
+    result.depth_series = [(round(s["t"] - started, 1), s["depth"]) for s in converge_samples]
+    result.depth_max = max((s["depth"] for s in converge_samples), default=0)
+    result.engine_cpu_share = cpu_share(converge_samples)
+    result.broker_cpu_share = cpu_share(converge_samples, "broker_cpu")
+    return started
+
+
+def measure(args: argparse.Namespace, url: str, nodes_count: int, work: Path) -> Result:
+    result = Result(nodes=nodes_count, engines=args.engines, load_before=loadavg())
+    log(f"{nodes_count} nodes, {args.engines} engines (load {result.load_before})")
+    run, key, public, nodes, announces = make_fleet(nodes_count, work)
+    admin = amqp_connection(url)
+    purge(admin, (RULEENGINE_QUEUE.name, REPORTER_QUEUE.name))
     receiver = PlanReceiver(url, nodes)
     engines = start_engines(
         args.engines,
@@ -463,68 +572,27 @@ def measure(args: argparse.Namespace, url: str, nodes_count: int, work: Path) ->
     sampler: Sampler | None = None
     publisher = ConfirmingPublisher(url)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the engines declare the queues; wait until all of them consume
-            with contextlib.suppress(Exception):
-                _, _, consumers = channel.queue_declare(RULEENGINE_QUEUE.name, passive=True)
-                if consumers >= args.engines:
-                    break
-                channel = admin.channel()
-            if time.monotonic() > deadline or any(e.process.poll() is not None for e in engines):
-                raise SystemExit(f"the rule engines did not start; see {work}")
-            time.sleep(0.2)
-        channel.queue_purge(RULEENGINE_QUEUE.name)
-        channel.queue_purge(REPORTER_QUEUE.name)
+        wait_consuming(
+            admin, RULEENGINE_QUEUE.name, args.engines, [e.process for e in engines], work
+        )
+        purge(admin, (RULEENGINE_QUEUE.name, REPORTER_QUEUE.name))
         if not args.cold:
             result.declare_s = round(receiver.declare(), 2)
             log(f"  declared and consuming {nodes_count} plan queues in {result.declare_s} s")
-        broker_pid = broker_process()
-        sampler = Sampler(url, [e.process.pid for e in engines], broker_pid)
+        sampler = Sampler(url, [e.process.pid for e in engines], broker_process())
         sampler.start()
         cpu_before = [cpu_seconds(e.process.pid) for e in engines]
-
-        # -- convergence --
-        started = time.monotonic()
-        receiver.start(declare=args.cold)  # cold: the queues are created meanwhile
-        for offset in range(0, nodes_count, args.batch):
-            publisher.publish_batch(announces[offset : offset + args.batch])
-        result.publish_s = round(time.monotonic() - started, 2)
-        log(f"  {nodes_count} announces published and confirmed in {result.publish_s} s")
-        if receiver.all_in.wait(args.timeout):
-            finished = max(receiver.arrival.values())
-            result.converge_s = round(finished - started, 2)
-            result.plans_per_s = round(nodes_count / result.converge_s)
-        else:
-            finished = time.monotonic()
-            log(f"  TIMEOUT: {len(receiver.arrival)} of {nodes_count} nodes have a plan")
-        if args.cold:
-            result.declare_s = round(receiver.declared_s, 2)
-            log(f"  cold: declared and consuming the plan queues took {result.declare_s} s")
-        times = sorted(t - started for t in receiver.arrival.values())
-        for share in (0.5, 0.9, 0.99, 1.0):
-            if times:
-                position = min(len(times) - 1, int(share * nodes_count) - 1)
-                result.arrivals[f"p{int(share * 100)}"] = round(times[position], 2)
+        converge(args, announces, publisher, receiver, sampler, result)
         result.engine_cpu_s = [
             round(cpu_seconds(e.process.pid) - before, 2)
             for e, before in zip(engines, cpu_before, strict=True)
         ]
-        time.sleep(0.6)
-        converge_samples = window(sampler.samples, started - 1, finished + 0.6)
-        result.depth_series = [(round(s["t"] - started, 1), s["depth"]) for s in converge_samples]
-        result.depth_max = max((s["depth"] for s in converge_samples), default=0)
-        result.engine_cpu_share = cpu_share(converge_samples)
-        result.broker_cpu_share = cpu_share(converge_samples, "broker_cpu")
         log(
             f"  converged in {result.converge_s} s ({result.plans_per_s} plans/s), arrivals "
             f"{result.arrivals}, max depth {result.depth_max}, engine CPU {result.engine_cpu_s} s"
         )
-
-        # -- check the plans --
         check_plans(receiver, nodes, public, args.verify, result)
         log(f"  {result.distinct_plans} distinct job sets; {result.verified} signatures verified")
-
-        # -- steady state --
         if args.steady > 0:
             result.steady = steady_state(args, publisher, receiver, sampler, nodes)
             log(f"  steady state: {result.steady}")
@@ -536,8 +604,8 @@ def measure(args: argparse.Namespace, url: str, nodes_count: int, work: Path) ->
         publisher.close()
         result.engine_exit = stop_engines(engines)
         receiver.delete_queues(url)
+        purge(admin, (REPORTER_QUEUE.name,))
         with contextlib.suppress(Exception):
-            channel.queue_purge(REPORTER_QUEUE.name)
             admin.close()
     result.load_after = loadavg()
     log(f"  engines: peak RSS {result.engine_hwm_mib} MiB; {result.engine_exit}")
@@ -570,9 +638,14 @@ def steady_state(
     receiver: PlanReceiver,
     sampler: Sampler,
     nodes: list[Node],
+    extra: Callable[[float], list[tuple[bytes, str, str, int]]] | None = None,
+    settled: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Each node sends a keepalive with its facts and plan hash every `interval` seconds,
-    node i at offset i/N of the interval; sent in 0.1 s ticks with confirms."""
+    node i at offset i/N of the interval; sent in 0.1 s ticks with confirms, with what
+    `extra(seconds since the start)` adds to each tick. Afterwards, waits up to `--drain`
+    seconds until `settled()` (default: `muster.ruleengine` is empty)."""
+    settled = settled or (lambda: sampler.samples[-1]["depth"] == 0)
     count = len(nodes)
     templates = []
     for node in nodes:
@@ -580,23 +653,27 @@ def steady_state(
         templates.append((encode(message), routing_key(message), message.id))
     plans_before = receiver.deliveries
     started = time.monotonic()
-    sent, late = 0, 0.0
+    sent, extras, late = 0, 0, 0.0
     total = int(args.steady / args.interval * count)
     while sent < total:
         now = time.monotonic() - started
         due = min(total, int(now / args.interval * count) + 1)
-        batch = []
+        batch = extra(now) if extra else []
+        extras += len(batch)
+        stamp = now_stamp()
         for number in range(sent, due):
             body, key, old_id = templates[number % count]
             new_id = uuid.uuid4().hex
-            batch.append((body.replace(old_id.encode(), new_id.encode(), 1), key, new_id, 1))
+            body = restamp(body.replace(old_id.encode(), new_id.encode(), 1), stamp)
+            batch.append((body, key, new_id, 1))
         if batch:
             publisher.publish_batch(batch)
-            late = max(late, time.monotonic() - started - number * args.interval / count)
+        if due > sent:
+            late = max(late, time.monotonic() - started - (due - 1) * args.interval / count)
             sent = due
         time.sleep(0.1)
     ended = time.monotonic()
-    while sampler.samples[-1]["depth"] > 0 and time.monotonic() - ended < args.drain:
+    while not settled() and time.monotonic() - ended < args.drain:
         time.sleep(0.2)
     drained = time.monotonic()
     samples = window(sampler.samples, started, ended)
@@ -604,6 +681,8 @@ def steady_state(
     return {
         "keepalives": sent,
         "rate_per_s": round(sent / (ended - started)),
+        "other_events": extras,
+        "seconds": round(ended - started, 1),
         "depth_max": max(depths, default=0),
         "depth_mean": round(sum(depths) / len(depths), 1) if depths else 0,
         "drain_after_s": round(drained - ended, 1),
@@ -629,28 +708,28 @@ def broker_process() -> int | None:
 
 
 @contextlib.contextmanager
-def rabbitmq(directory: Path) -> Iterator[str]:
-    given = os.environ.get("MUSTER_TEST_AMQP_URL")
-    if given:
-        yield given
+def services(directory: Path, names: tuple[str, ...] = ("rabbitmq",)) -> Iterator[dict[str, str]]:
+    """The `MUSTER_TEST_*` settings of the servers `names` from tests/services: the ones
+    in the environment if MUSTER_TEST_AMQP_URL is set (left running), else started in
+    `directory` here and stopped at the end. Also exported, so the samplers find pids."""
+    if os.environ.get("MUSTER_TEST_AMQP_URL"):
+        yield dict(os.environ)
         return
     env = {**os.environ, "MUSTER_SERVICES_DIR": str(directory)}
     command = [sys.executable, "-m", "tests.services"]
     started = subprocess.run(
-        [*command, "start", "rabbitmq"], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+        [*command, "start", *names], env=env, cwd=REPO_ROOT, capture_output=True, text=True
     )
     try:
         if started.returncode:
-            raise SystemExit(f"cannot start RabbitMQ:\n{started.stderr}")
+            raise SystemExit(f"cannot start {', '.join(names)}:\n{started.stderr}")
         values = dict(
             line.removeprefix("export ").split("=", 1)
             for line in started.stdout.splitlines()
             if line.startswith("export ")
         )
-        os.environ["MUSTER_TEST_RABBITMQ_PID_FILE"] = values.get(
-            "MUSTER_TEST_RABBITMQ_PID_FILE", ""
-        )
-        yield values["MUSTER_TEST_AMQP_URL"]
+        os.environ.update(values)
+        yield values
     finally:
         subprocess.run([*command, "stop"], env=env, cwd=REPO_ROOT, capture_output=True)
 
@@ -692,27 +771,32 @@ def render(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.convergence",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a simulated fleet, the same in bench.convergence and bench.fleet."""
     parser.add_argument("--nodes", default="1000,10000", help="fleet sizes, comma-separated")
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--batch", type=int, default=500, help="announces per confirm batch")
-    parser.add_argument("--steady", type=float, default=60, help="seconds of keepalives; 0: none")
+    parser.add_argument("--steady", type=float, default=60, help="seconds of steady state; 0: none")
     parser.add_argument("--interval", type=float, default=20, help="keepalive interval, seconds")
     parser.add_argument("--timeout", type=float, default=300, help="give up converging after")
     parser.add_argument("--verify", type=int, default=500, help="plans to verify_plan")
     parser.add_argument("--rules", type=Path, default=RULES)
-    parser.add_argument("--profile", type=Path, help="run the engines under cProfile, into DIR")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument(
         "--engine-heartbeat",
         type=int,
         help="MUSTER_HEARTBEAT for the engines (0: off) [default: their own, 20 s]",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.convergence",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fleet_arguments(parser)
+    parser.add_argument("--profile", type=Path, help="run the engines under cProfile, into DIR")
     parser.add_argument(
         "--cold",
         action="store_true",
@@ -731,8 +815,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with (
         tempfile.TemporaryDirectory(prefix="muster-convergence-") as tmp,
-        rabbitmq(args.services_dir) as url,
+        services(args.services_dir) as servers,
     ):
+        url = servers["MUSTER_TEST_AMQP_URL"]
         for size in sizes:
             results.append(measure(args, url, size, Path(tmp)))
             if args.json:

@@ -5,11 +5,14 @@ Every consumer goes through `ContractConsumer`, so a malformed message is dead-l
 with its reason instead of crashing a process or looping forever.
 """
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from amqp.exceptions import MessageNacked
 from kombu import Connection, Producer, Queue
 from kombu.message import Message as Delivery
 from kombu.mixins import ConsumerMixin
@@ -47,19 +50,22 @@ class Publisher:
     """Publishes contract messages with confirms, persistence and retries."""
 
     def __init__(self, channel: Any, retry_policy: dict[str, Any] | None = None):
-        self._producer = Producer(channel)
+        self._producer = Producer(channel, on_return=self._on_return)
         self._retry_policy = retry_policy or RETRY_POLICY
+        self._returned: set[str] = set()
 
-    def publish(self, message: Message) -> None:
-        exchange = PLANS if message.type == "plan" else EVENTS
-        self._send(
-            encode(message),
-            exchange=exchange.name,
-            routing_key=routing_key(message),
-            message_id=message.id,
-            type=message.type,
-            delivery_mode=2 if message.type in PERSISTENT_TYPES else 1,
-        )
+    def publish(self, message: Message, mandatory: bool = False) -> bool:
+        """Publish and wait for the confirm. With `mandatory`, returns False when no queue
+        took the message: RabbitMQ hands an unroutable mandatory message back before it
+        confirms it, so the answer is known without asking whether the queue exists."""
+        self._send(encode(message), mandatory=mandatory, **publish_options(message))
+        if message.id in self._returned:
+            self._returned.discard(message.id)
+            return False
+        return True
+
+    def _on_return(self, error: Exception, exchange: str, key: str, returned: Any) -> None:
+        self._returned.add(returned.properties.get("message_id", ""))
 
     def dead_letter(self, delivery: Delivery, reason: str, queue: str) -> None:
         """Park a message we cannot process, byte for byte, with the reason an operator
@@ -79,6 +85,106 @@ class Publisher:
     def _send(self, body: bytes, **options: Any) -> None:
         options = {"content_type": CONTENT_TYPE, "content_encoding": "utf-8", **options}
         self._producer.publish(body, retry=True, retry_policy=self._retry_policy, **options)
+
+
+def publish_options(message: Message) -> dict[str, Any]:
+    """Where a contract message goes, and whether it must survive a broker restart."""
+    exchange = PLANS if message.type == "plan" else EVENTS
+    return {
+        "exchange": exchange.name,
+        "routing_key": routing_key(message),
+        "message_id": message.id,
+        "type": message.type,
+        "delivery_mode": 2 if message.type in PERSISTENT_TYPES else 1,
+    }
+
+
+class BatchPublisher:
+    """Publishes as mandatory without waiting for each confirm; `confirm()` then waits for
+    all of them at once: one round trip for a batch instead of one per message.
+
+    It has a connection of its own, in confirm mode set here rather than by the transport
+    (whose publish waits for every confirm). After any failure the connection is dropped
+    and made again on the next publish; what was not confirmed is the caller's to send
+    again (the rule engine requeues the deliveries it answered).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._template = connection
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._sent = 0  # the channel's delivery tags are 1, 2, ... in publishing order
+        self._unconfirmed: set[int] = set()
+        self._nacked = False
+        self._lost = False  # the connection went while messages were unconfirmed
+        self._returned: set[str] = set()
+
+    def publish(self, message: Message) -> None:
+        producer = self._producer or self._open()
+        options = {"content_type": CONTENT_TYPE, "content_encoding": "utf-8"}
+        try:
+            producer.publish(encode(message), mandatory=True, **options, **publish_options(message))
+        except Exception:
+            self.reset()
+            raise
+        self._sent += 1
+        self._unconfirmed.add(self._sent)
+
+    def confirm(self, timeout: float = 30) -> set[str]:
+        """Wait until RabbitMQ confirmed everything published; returns the ids of messages
+        it returned because no queue took them. Raises when it refused one (a nack), on a
+        broken connection, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        if self._lost:
+            self._lost = False
+            raise ConnectionError("the connection was lost before every confirm arrived")
+        try:
+            while self._unconfirmed:
+                assert self._connection is not None  # something was sent on it
+                self._connection.drain_events(timeout=max(0.01, deadline - time.monotonic()))
+            if self._nacked:
+                raise MessageNacked("RabbitMQ refused a message (nack)")
+        except Exception:
+            self.reset()
+            self._lost = False  # told now, by this exception
+            raise
+        returned, self._returned = self._returned, set()
+        return returned
+
+    def reset(self) -> None:
+        """Drop the connection; the next publish opens a new one."""
+        self._lost = self._lost or bool(self._unconfirmed)
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.release()
+        self._connection = self._producer = None
+        self._sent = 0
+        self._unconfirmed = set()
+        self._nacked = False
+        self._returned = set()
+
+    def _open(self) -> Producer:
+        connection = self._template.clone(heartbeat=0, transport_options=dict(RETRY_POLICY))
+        channel = connection.channel()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        channel.events["basic_return"].add(self._on_return)
+        self._connection, self._producer = connection, Producer(channel)
+        return self._producer
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._unconfirmed = {tag for tag in self._unconfirmed if tag > delivery_tag}
+        else:
+            self._unconfirmed.discard(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._nacked = True
+        self._on_ack(delivery_tag, multiple)
+
+    def _on_return(self, error: Exception, exchange: str, key: str, returned: Any) -> None:
+        self._returned.add(returned.properties.get("message_id", ""))
 
 
 def body_bytes(delivery: Delivery) -> bytes:
@@ -152,4 +258,8 @@ class ContractConsumer(ConsumerMixin):
             log.exception("handler failed on %s message %s; requeued", message.type, message.id)
             delivery.requeue()
             return
+        self.answered(delivery)
+
+    def answered(self, delivery: Delivery) -> None:
+        """The handler is done with `delivery`: acknowledge it (a subclass may batch)."""
         delivery.ack()

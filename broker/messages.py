@@ -109,6 +109,16 @@ class SignedPlan(Message):
     def signed_body(self) -> bytes:
         return self._signed_body
 
+    @classmethod
+    def of(cls, plan: Plan, signature: PlanSignature, signed_body: bytes) -> "SignedPlan":
+        """The message for a plan this process just built and signed. The plan is already
+        a validated model: validating it again from its dump cost the rule engine 0.7 ms
+        per plan, more than half of signing it."""
+        # id and time given: pydantic's default factories cost more than the rest of it
+        model = cls.model_construct(plan=plan, signature=signature, id=new_id(), time=utcnow())
+        model._signed_body = signed_body
+        return model
+
 
 RunKind = Literal["backup", "verify", "forget", "restore"]
 

@@ -663,4 +663,8 @@ class RuleEngineSettings(MusterSettings):
     reload_interval: float = Field(
         default=3.0, gt=0, description="seconds between checks of the rules file for changes"
     )
-    prefetch: int = Field(default=20, ge=1, description="unacknowledged messages per engine")
+    prefetch: int = Field(
+        default=100,
+        ge=1,
+        description="unacknowledged messages per engine; confirmed and acknowledged by halves",
+    )

@@ -82,12 +82,11 @@ class TrustedKeys:
 
 
 def sign_plan(plan: Plan, key: Ed25519PrivateKey) -> SignedPlan:
-    body = plan.model_dump(mode="json")
+    body = canonical_json(plan.model_dump(mode="json"))
     signature = PlanSignature(
-        key_id=key_id(key.public_key()),
-        value=base64.b64encode(key.sign(canonical_json(body))).decode(),
+        key_id=key_id(key.public_key()), value=base64.b64encode(key.sign(body)).decode()
     )
-    return SignedPlan(plan=body, signature=signature)
+    return SignedPlan.of(plan, signature, body)
 
 
 def verify_plan(signed: SignedPlan, trusted: TrustedKeys, node: str) -> Plan:

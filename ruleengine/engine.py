@@ -29,9 +29,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kombu import Connection
+from kombu.message import Message as Delivery
 
-from broker.connection import RETRY_POLICY, ContractConsumer
-from broker.messages import Alert, Announce, AnyMessage, Keepalive
+from broker.connection import RETRY_POLICY, BatchPublisher, ContractConsumer
+from broker.messages import Alert, Announce, AnyMessage, Keepalive, SignedPlan
 from broker.rules import Problem, RulesError, RuleSet, load_rules, parse_rules, revision_of
 from broker.signing import key_id, sign_plan
 from broker.topology import RULEENGINE_QUEUE, plan_queue
@@ -102,9 +103,16 @@ class RulesWatcher:
 class RuleEngine(ContractConsumer):
     """One rule engine instance: a `ContractConsumer` on `muster.ruleengine`.
 
-    Plans, alerts and dead letters are published on a connection of their own: waiting
+    Plans, alerts and dead letters are published on connections of their own: waiting
     for a publisher confirm on the consuming connection would deliver further messages
     in the middle of handling one. `counts` tallies what this instance did (by outcome).
+
+    Deliveries are answered in batches: each plan is published at once (the node has it
+    without delay), the delivery is held, and when half the prefetch is held or the
+    oldest has waited `flush_interval` seconds, the engine waits for all the plans'
+    confirms together, then acknowledges the held deliveries with one `multiple` ack.
+    An announce is therefore acknowledged only once its plan is stored by RabbitMQ; if
+    the confirms fail, the held deliveries are requeued and answered again.
     """
 
     def __init__(
@@ -113,11 +121,18 @@ class RuleEngine(ContractConsumer):
         watcher: RulesWatcher,
         signing_key: Ed25519PrivateKey,
         *,
-        prefetch: int = 20,
+        prefetch: int = 100,
         reload_interval: float = 3.0,
         instance: str | None = None,
+        flush_interval: float = 0.05,
     ) -> None:
         super().__init__(connection, [RULEENGINE_QUEUE], self.handle, prefetch)
+        self.plans = BatchPublisher(connection)
+        self._batch = max(1, prefetch // 2)
+        self._flush_interval = flush_interval
+        self._held: list[Delivery] = []
+        self._oldest = 0.0
+        self._unconfirmed: dict[str, SignedPlan] = {}
         self.watcher = watcher
         self.instance = instance or socket.gethostname()
         self.counts: Counter[str] = Counter()
@@ -147,9 +162,9 @@ class RuleEngine(ContractConsumer):
             self.counts["unchanged"] += 1
             log.debug("%s %s: plan %s unchanged", message.type, message.node, digest)
             return
-        self._declare_plan_queue(message.node)
-        self.publisher.publish(sign_plan(plan, self._key))
-        self.counts["published"] += 1
+        signed = sign_plan(plan, self._key)
+        self.plans.publish(signed)
+        self._unconfirmed[signed.id] = signed
         log.info(
             "%s %s: sent plan %s (%d jobs; node had %s; rules %s)",
             message.type,
@@ -160,12 +175,45 @@ class RuleEngine(ContractConsumer):
             rules.revision[:19],
         )
 
-    def _declare_plan_queue(self, node: str) -> None:
-        """Plans go through a direct exchange and are dropped if the node's queue does
-        not exist yet (an agent that announces before it declares its queue). Declaring
-        it here is idempotent and renews its expiry only while the node is alive."""
+    # -- batches ----------------------------------------------------------------------------
+
+    def answered(self, delivery: Delivery) -> None:
+        """Hold the delivery until the plans of its batch are confirmed."""
+        if not self._held:
+            self._oldest = time.monotonic()
+        self._held.append(delivery)
+        if len(self._held) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait for the confirms of the plans sent, then acknowledge what they answer.
+
+        Plans are mandatory: a node's queue nearly always exists (its agent declares it
+        before announcing and keeps consuming), so declaring it for every plan cost three
+        round trips for nothing. When it does not exist (an agent that announces before it
+        declares, or a queue expired since), RabbitMQ returns the plan; then the queue is
+        declared and the plan sent again, so no plan is silently lost."""
+        held, self._held = self._held, []
+        plans, self._unconfirmed = self._unconfirmed, {}
+        try:
+            for returned in self.plans.confirm():
+                self._declare_and_send(plans[returned])
+        except Exception:
+            log.exception("%d plans not confirmed; %d messages requeued", len(plans), len(held))
+            for delivery in held:
+                delivery.requeue()
+            return
+        self.counts["published"] += len(plans)
+        if held:
+            held[-1].ack(multiple=True)
+
+    def _declare_and_send(self, signed: SignedPlan) -> None:
+        node = signed.plan.node
         queue = plan_queue(node)(self.output.default_channel)
         self.output.ensure(queue, queue.declare, **RETRY_POLICY)()
+        self.counts["queue_declared"] += 1
+        if not self.publisher.publish(signed, mandatory=True):
+            raise RuntimeError(f"plan for {node} unroutable even after declaring its queue")
 
     # -- reloading --------------------------------------------------------------------------
 
@@ -184,9 +232,28 @@ class RuleEngine(ContractConsumer):
         )
         self.ready.set()
 
+    def run(self, _tokens: int = 1, **kwargs: Any) -> None:
+        kwargs.setdefault("safety_interval", min(1.0, self._flush_interval))  # for stop()
+        try:
+            super().run(_tokens, **kwargs)
+        finally:
+            self.plans.reset()
+
+    def on_connection_revived(self) -> None:
+        """A new connection: held deliveries come again (with new tags), so do their plans."""
+        self._held, self._unconfirmed = [], {}
+
+    def on_consume_end(self, connection: Any, channel: Any) -> None:
+        """Stopping: confirm and acknowledge what is held while the channel is open."""
+        if self._held:
+            self.flush()
+
     def on_iteration(self) -> None:
-        """Called by kombu between deliveries and at least once a second."""
+        """Called by kombu between deliveries, and every `flush_interval` seconds (at
+        least once a second) without them."""
         now = time.monotonic()
+        if self._held and now - self._oldest >= self._flush_interval:
+            self.flush()
         if self._reload_requested or now >= self._next_check:
             force, self._reload_requested = self._reload_requested, False
             self._next_check = now + self._reload_interval

@@ -12,7 +12,7 @@ from kombu import Connection
 
 from broker.cli import broker_group
 from broker.codec import decode, encode
-from broker.connection import REASON_HEADER, Publisher, body_bytes, connect
+from broker.connection import REASON_HEADER, BatchPublisher, Publisher, body_bytes, connect
 from broker.errors import SignatureError
 from broker.messages import Keepalive
 from broker.signing import TrustedKeys, sign_plan, verify_plan
@@ -164,6 +164,31 @@ def test_a_node_queue_keeps_only_the_newest_plan(connection):
     assert [decode(body_bytes(d)).id for d in drain(connection, plan_queue("web3"), 2, 1.5)] == [
         second.id
     ]
+
+
+def test_a_batch_of_plans_is_confirmed_at_once_and_unroutable_ones_are_named(connection):
+    key = Ed25519PrivateKey.generate()
+    plan_queue("web4")(connection.default_channel).declare()
+    publisher = BatchPublisher(connection)
+    routed, nowhere = sign_plan(plan("web4"), key), sign_plan(plan("no-queue-node"), key)
+    publisher.publish(routed)
+    publisher.publish(nowhere)
+    assert publisher.confirm() == {nowhere.id}
+    assert [decode(body_bytes(d)).id for d in drain(connection, plan_queue("web4"), 1)] == [
+        routed.id
+    ]
+    publisher.publish(routed)
+    assert publisher.confirm() == set(), "a returned id was reported twice"
+    publisher.reset()
+
+
+def test_a_batch_whose_connection_broke_is_not_reported_confirmed(connection):
+    publisher = BatchPublisher(connection)
+    publisher.publish(sign_plan(plan("web5"), Ed25519PrivateKey.generate()))
+    publisher.reset()  # as after a failed publish: its confirm will never come
+    with pytest.raises(ConnectionError):
+        publisher.confirm()
+    assert publisher.confirm() == set()  # told once; the next batch starts clean
 
 
 def test_a_plan_signed_with_another_key_is_rejected_by_the_node(connection, amqp_url):

@@ -33,7 +33,7 @@ from broker.topology import (
     tail_queue,
 )
 from ruleengine.engine import RuleEngine, RulesWatcher
-from tests.amqp import drain
+from tests.amqp import depth, drain
 from tests.examples import RECIPIENT, facts
 
 pytestmark = pytest.mark.integration
@@ -106,7 +106,9 @@ def start_engine(amqp_url: str, rules_file: Path, key: Ed25519PrivateKey):
     """Start rule engines in threads, each on its own connection; stop them all after."""
     running: list[tuple[RuleEngine, threading.Thread]] = []
 
-    def start(instance: str = "engine-a", prefetch: int = 5) -> RuleEngine:
+    def start(
+        instance: str = "engine-a", prefetch: int = 5, flush_interval: float = 0.05
+    ) -> RuleEngine:
         engine = RuleEngine(
             connect([amqp_url]),
             RulesWatcher(rules_file),
@@ -114,6 +116,7 @@ def start_engine(amqp_url: str, rules_file: Path, key: Ed25519PrivateKey):
             prefetch=prefetch,
             reload_interval=0.2,
             instance=instance,
+            flush_interval=flush_interval,
         )
         thread = threading.Thread(target=engine.run, name=instance, daemon=True)
         thread.start()
@@ -210,7 +213,50 @@ def test_the_engine_declares_a_missing_plan_queue_so_no_plan_is_lost(make_node, 
     node = make_node()  # announces before declaring its queue
     node.announce()
     wait_for(lambda: engine.counts["published"] == 1, what="the plan to be published")
+    assert engine.counts["queue_declared"] == 1
     assert node.receive() is not None
+
+
+def test_a_plan_queue_that_expired_since_the_last_plan_still_gets_the_next_one(
+    connection, make_node, start_engine, rules_file
+):
+    """The engine no longer declares a node's queue before every plan: it publishes as
+    mandatory and declares only when RabbitMQ hands the plan back. A queue deleted in
+    between (as `x-expires` does) must not swallow the next plan."""
+    engine = start_engine()
+    node = make_node().declare()
+    node.announce()
+    assert node.receive() is not None
+    assert engine.counts["queue_declared"] == 0, "declared a queue that existed"
+    with connection.channel() as channel:
+        plan_queue(node.name)(channel).delete()
+    old_revision = engine.watcher.current.revision
+    replace(rules_file, CHANGED_RULES)
+    wait_for(lambda: engine.watcher.current.revision != old_revision, what="the reload")
+    node.keepalive()
+    wait_for(lambda: engine.counts["published"] == 2, what="the second plan")
+    assert engine.counts["queue_declared"] == 1
+    plan = node.receive()
+    assert plan is not None, "the plan for the expired queue was lost"
+    assert [job.name for job in plan.jobs] == ["etc", "logs", "www"]
+
+
+def test_announces_are_acknowledged_only_once_their_plans_are_confirmed(
+    connection, make_node, start_engine
+):
+    """Plans go out at once; the announces they answer are acknowledged in a batch after
+    RabbitMQ confirmed the plans, and at the latest when the engine stops."""
+    engine = start_engine(prefetch=20, flush_interval=3600)  # a batch of 10: never full here
+    nodes = [make_node().declare() for _ in range(3)]
+    for node in nodes:
+        node.announce()
+    for node in nodes:
+        assert node.receive() is not None, "a plan waited for its batch"
+    assert engine.counts["published"] == 0, "confirmed before the batch was flushed"
+    engine.stop()
+    wait_for(lambda: engine.counts["published"] == 3, what="the flush on stopping")
+    time.sleep(0.5)  # the engine's connection is closed: anything unacknowledged is back
+    assert depth(connection, RULEENGINE_QUEUE) == 0, "announces left unacknowledged"
 
 
 def test_a_keepalive_with_the_current_hash_gets_nothing(make_node, start_engine):

@@ -6,6 +6,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.codec import decode, encode
 from broker.errors import SignatureError
+from broker.messages import SignedPlan
 from broker.signing import (
     TrustedKeys,
     generate_signing_key,
@@ -92,3 +93,13 @@ def test_signing_key_files_are_private_and_reload(tmp_path):
     assert trusted.get(key_id(key.public_key()))
     with pytest.raises(FileExistsError):
         generate_signing_key(path)
+
+
+def test_a_freshly_signed_plan_is_the_message_validation_would_build(key):
+    """sign_plan skips validating the plan it just built again: the message must not change."""
+    signed = sign_plan(plan("web1"), key)
+    validated = SignedPlan.model_validate(json.loads(encode(signed)))
+    assert encode(signed) == encode(validated)
+    assert signed.signed_body == validated.signed_body
+    trusted = TrustedKeys([key.public_key()])
+    assert verify_plan(signed, trusted, "web1").content_hash() == plan("web1").content_hash()
