@@ -37,7 +37,11 @@ class Objects(dict):
 @contextlib.contextmanager
 def volume_writer(objects: Objects, *, level: int, target_size: int) -> Iterator[VolumeWriter]:
     """A VolumeWriter with its compression pool and writer thread, as a backup runs it."""
-    with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as writes:
+    with (
+        ThreadPoolExecutor(2) as pool,
+        ThreadPoolExecutor(1) as writes,
+        ThreadPoolExecutor(1) as hasher,
+    ):
         yield VolumeWriter(
             objects.open_writer,
             "20260101T000000Z-abcdef",
@@ -46,6 +50,7 @@ def volume_writer(objects: Objects, *, level: int, target_size: int) -> Iterator
             target_size=target_size,
             pool=pool,
             writer=writes,
+            hasher=hasher,
         )
 
 
