@@ -16,7 +16,6 @@ are known before the bytes are written; nothing is visible before the volume com
 
 import contextlib
 import hashlib
-import io
 import os
 import threading
 from collections import deque
@@ -162,10 +161,11 @@ class VolumeWriter:
 
     # -- members -------------------------------------------------------------------------
 
-    def add(self, entry: Entry, header: bytes, content: BinaryIO | None = None) -> list[str]:
-        """Write one member (header, then `entry.size` bytes from `content`); returns
-        warnings about the file changing while it was read. Without `content` the member
-        has no data (directories, symlinks, hard links), whatever `entry.size` says."""
+    def add(self, entry: Entry, header: bytes, content: int | None = None) -> list[str]:
+        """Write one member (header, then `entry.size` bytes read from the file
+        descriptor `content`); returns warnings about the file changing while it was read.
+        Without `content` the member has no data (directories, symlinks, hard links),
+        whatever `entry.size` says."""
         size = entry.size if content is not None else 0
         self._rotate_before(size)
         volume = self._current(size)
@@ -185,10 +185,10 @@ class VolumeWriter:
             self.finish_volume()  # a file bigger than the target has a volume of its own
         return warnings
 
-    def _copy(self, entry: Entry, content: BinaryIO) -> list[str]:
+    def _copy(self, entry: Entry, content: int) -> list[str]:
         size = entry.size
-        if size <= READ_SIZE:  # most files: one read, one hash, no loop
-            chunk = content.read(size)
+        if size <= READ_SIZE:  # most files: one read, no loop
+            chunk = os.read(content, size)
             if len(chunk) == size:
                 start = len(self._frame)
                 self._frame += chunk
@@ -200,7 +200,7 @@ class VolumeWriter:
             return self._copy_rest(entry, content, chunk)
         return self._copy_rest(entry, content, b"")
 
-    def _copy_rest(self, entry: Entry, content: BinaryIO, first: bytes) -> list[str]:
+    def _copy_rest(self, entry: Entry, content: int, first: bytes) -> list[str]:
         """Large files, read into one reused buffer (no allocation per read), and files
         that shrank under us (`first`: what a single read got of them). Their digest is
         fed by the hasher, one span per frame the member crosses."""
@@ -210,7 +210,7 @@ class VolumeWriter:
         self._on_read(len(first))
         view = memoryview(self._read_buffer)
         while remaining:
-            count = content.readinto(view[: min(READ_SIZE, remaining)])  # type: ignore[attr-defined]
+            count = os.readv(content, [view[: min(READ_SIZE, remaining)]])
             if not count:
                 break
             self._frame += view[:count]
@@ -345,11 +345,12 @@ class VolumeWriter:
             self._volume = None
 
 
-def open_for_reading(path: str) -> BinaryIO:
-    """Open without updating atime where the kernel lets us (owner or CAP_FOWNER)."""
+def open_for_reading(path: str) -> int:
+    """A raw file descriptor, opened without updating atime where the kernel lets us
+    (owner or CAP_FOWNER). Not a file object: `io.FileIO` costs an fstat of its own per
+    file, and reads here are whole-file-sized `os.read` calls anyway."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
     try:
-        fd = os.open(path, flags)
+        return os.open(path, flags)
     except PermissionError:
-        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
-    return io.FileIO(fd, "r")  # unbuffered: every read is one whole-file-sized syscall
+        return os.open(path, flags & ~getattr(os, "O_NOATIME", 0))

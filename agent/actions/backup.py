@@ -460,15 +460,17 @@ class _Run:
 
     def _store_file(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
         try:
-            stream = open_for_reading(entry.path)
+            fd = open_for_reading(entry.path)
         except FileNotFoundError:
             return self._warn(f"{entry.path}: vanished before it could be read")
         except OSError as error:
             return self._warn(f"{entry.path}: not backed up: {error.strerror}")
-        with stream:
+        try:
             header = member_header(name, REGULAR, size=entry.size, **owner)
-            self.warnings += self.volumes.add(entry, header, stream)
-            after = os.fstat(stream.fileno())
+            self.warnings += self.volumes.add(entry, header, fd)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
         if (after.st_size, after.st_mtime_ns) != (entry.size, entry.mtime_ns):
             self.warnings.append(f"{entry.path}: changed while being read")
         if found.stat.st_nlink > 1:

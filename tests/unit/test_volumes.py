@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +78,13 @@ def add_file(writer: VolumeWriter, path: str, data: bytes) -> Entry:
         uname="root",
         gname="root",
     )
-    writer.add(entry, header, io.BytesIO(data))
+    fd = os.memfd_create("member")  # a real descriptor, as the backup passes one
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        writer.add(entry, header, fd)
+    finally:
+        os.close(fd)
     return entry
 
 
