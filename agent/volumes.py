@@ -5,6 +5,9 @@ new frame at the first member boundary past `FRAME_TARGET` bytes (and inside mem
 every `FRAME_MAX` bytes), so that one file can later be restored by fetching only the age
 chunks that hold its frames. Frames are compressed on a thread pool while the next one
 fills; at most `IN_FLIGHT` frames are held, so memory does not grow with the data.
+Members' sha256 are computed from the cut frames on one hasher thread, in frame order (a
+big file's digest is fed frame by frame), so hashing overlaps reading the next files;
+a member is located only once its frames are hashed, so `location` implies `sha256`.
 Compressed frames are encrypted, hashed and written on one writer thread, in order (all
 three release the GIL), so the walk and the tar stream go on meanwhile; at most
 `WRITES_QUEUED` frames wait for it. Locations depend only on compressed sizes, so they
@@ -13,7 +16,6 @@ are known before the bytes are written; nothing is visible before the volume com
 
 import contextlib
 import hashlib
-import io
 import os
 import threading
 from collections import deque
@@ -73,6 +75,24 @@ class _Volume:
     frame_starts: dict[int, int] = field(default_factory=dict)
 
 
+# What the hasher does with one member's bytes in one frame: (entry, the digest of a member
+# spanning frames or None for one held whole, start, end, final, whole). `final` marks its
+# last span; `whole` is False for a file that shrank while read (no sha256 then).
+_Span = tuple[Entry, "hashlib._Hash | None", int, int, bool, bool]
+
+
+def _hash(data: bytearray, spans: list[_Span]) -> None:
+    """Hash the members' bytes of one cut frame (the frame is never resized again)."""
+    view = memoryview(data)
+    for entry, digest, start, end, final, whole in spans:
+        if digest is None:
+            entry.sha256 = hashlib.sha256(view[start:end]).hexdigest()
+            continue
+        digest.update(view[start:end])
+        if final:
+            entry.sha256 = digest.hexdigest() if whole else None
+
+
 class _Compressors(threading.local):
     def get(self, level: int) -> zstandard.ZstdCompressor:
         if getattr(self, "level", None) != level:
@@ -105,6 +125,7 @@ class VolumeWriter:
         target_size: int,
         pool: ThreadPoolExecutor,
         writer: ThreadPoolExecutor,
+        hasher: ThreadPoolExecutor,
         on_read: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._open_writer = open_writer
@@ -114,6 +135,7 @@ class VolumeWriter:
         self._target = target_size
         self._pool = pool
         self._writer = writer  # one thread: writes stay in order
+        self._hasher = hasher  # one thread: a big file's frames are hashed in order
         self._read_buffer = bytearray(READ_SIZE)
         self._writes: deque[Future[int]] = deque()
         self._on_read = on_read  # progress: file bytes as they are read
@@ -121,7 +143,9 @@ class VolumeWriter:
         self._number = 0
         self._frame = bytearray()
         self._frame_index = 0
-        self._in_flight: deque[tuple[int, Future[bytes]]] = deque()
+        self._in_flight: deque[tuple[int, Future[bytes], Future[None] | None]] = deque()
+        self._spans: list[_Span] = []  # the open frame's, hashed once it is cut
+        self._streaming: tuple[Entry, hashlib._Hash, int] | None = None  # a big member
         self._pending: deque[_Pending] = deque()
         self.finished: list[VolumeInfo] = []
 
@@ -137,10 +161,11 @@ class VolumeWriter:
 
     # -- members -------------------------------------------------------------------------
 
-    def add(self, entry: Entry, header: bytes, content: BinaryIO | None = None) -> list[str]:
-        """Write one member (header, then `entry.size` bytes from `content`); returns
-        warnings about the file changing while it was read. Without `content` the member
-        has no data (directories, symlinks, hard links), whatever `entry.size` says."""
+    def add(self, entry: Entry, header: bytes, content: int | None = None) -> list[str]:
+        """Write one member (header, then `entry.size` bytes read from the file
+        descriptor `content`); returns warnings about the file changing while it was read.
+        Without `content` the member has no data (directories, symlinks, hard links),
+        whatever `entry.size` says."""
         size = entry.size if content is not None else 0
         self._rotate_before(size)
         volume = self._current(size)
@@ -160,13 +185,14 @@ class VolumeWriter:
             self.finish_volume()  # a file bigger than the target has a volume of its own
         return warnings
 
-    def _copy(self, entry: Entry, content: BinaryIO) -> list[str]:
+    def _copy(self, entry: Entry, content: int) -> list[str]:
         size = entry.size
-        if size <= READ_SIZE:  # most files: one read, one hash, no loop
-            chunk = content.read(size)
+        if size <= READ_SIZE:  # most files: one read, no loop
+            chunk = os.read(content, size)
             if len(chunk) == size:
-                entry.sha256 = hashlib.sha256(chunk).hexdigest()
+                start = len(self._frame)
                 self._frame += chunk
+                self._spans.append((entry, None, start, start + size, True, True))
                 self._on_read(size)
                 if len(self._frame) >= FRAME_MAX:
                     self._cut_frame()
@@ -174,29 +200,31 @@ class VolumeWriter:
             return self._copy_rest(entry, content, chunk)
         return self._copy_rest(entry, content, b"")
 
-    def _copy_rest(self, entry: Entry, content: BinaryIO, first: bytes) -> list[str]:
+    def _copy_rest(self, entry: Entry, content: int, first: bytes) -> list[str]:
         """Large files, read into one reused buffer (no allocation per read), and files
-        that shrank under us (`first`: what a single read got of them)."""
-        digest, remaining = hashlib.sha256(first), entry.size - len(first)
+        that shrank under us (`first`: what a single read got of them). Their digest is
+        fed by the hasher, one span per frame the member crosses."""
+        remaining = entry.size - len(first)
+        self._streaming = (entry, hashlib.sha256(), len(self._frame))
         self._frame += first
         self._on_read(len(first))
         view = memoryview(self._read_buffer)
         while remaining:
-            count = content.readinto(view[: min(READ_SIZE, remaining)])  # type: ignore[attr-defined]
+            count = os.readv(content, [view[: min(READ_SIZE, remaining)]])
             if not count:
                 break
-            digest.update(view[:count])
             self._frame += view[:count]
             remaining -= count
             self._on_read(count)
             if len(self._frame) >= FRAME_MAX:
                 self._cut_frame()
-        warnings = []
+        _, digest, start = self._streaming
+        self._streaming = None
+        self._spans.append((entry, digest, start, len(self._frame), True, not remaining))
         if remaining:  # the file shrank under us: tar needs the declared size, as GNU tar does
             self._frame += bytes(remaining)
-            warnings.append(f"{entry.path}: shrank while being read; padded with zeros")
-        entry.sha256 = digest.hexdigest() if not remaining else None
-        return warnings
+            return [f"{entry.path}: shrank while being read; padded with zeros"]
+        return []
 
     def _rotate_before(self, size: int) -> None:
         volume = self._volume
@@ -211,7 +239,14 @@ class VolumeWriter:
         if not self._frame:
             return
         data, self._frame = self._frame, bytearray()
-        self._in_flight.append((self._frame_index, self._pool.submit(_compress, self._level, data)))
+        if self._streaming is not None:  # a big member goes on in the next frame
+            entry, digest, start = self._streaming
+            self._spans.append((entry, digest, start, len(data), False, True))
+            self._streaming = (entry, digest, 0)
+        hashed = self._hasher.submit(_hash, data, self._spans) if self._spans else None
+        self._spans = []
+        compressed = self._pool.submit(_compress, self._level, data)
+        self._in_flight.append((self._frame_index, compressed, hashed))
         self._frame_index += 1
         while len(self._in_flight) > IN_FLIGHT:
             self._write_oldest()
@@ -224,8 +259,10 @@ class VolumeWriter:
             self._write_oldest()
 
     def _write_oldest(self) -> None:
-        index, future = self._in_flight.popleft()
+        index, future, hashed = self._in_flight.popleft()
         compressed = future.result()
+        if hashed is not None:
+            hashed.result()  # its members' sha256 are set before they get a location
         volume = self._current()
         volume.frame_starts[index] = volume.position
         self._writes.append(self._writer.submit(volume.encryptor.write, compressed))
@@ -294,8 +331,10 @@ class VolumeWriter:
 
     def abort(self, error: BaseException) -> None:
         """Discard the open volume: storage leaves no object behind for it."""
-        for _, future in self._in_flight:
+        for _, future, hashed in self._in_flight:
             future.cancel()
+            if hashed is not None:
+                hashed.cancel()
         self._in_flight.clear()
         for write in self._writes:
             write.cancel()
@@ -306,11 +345,12 @@ class VolumeWriter:
             self._volume = None
 
 
-def open_for_reading(path: str) -> BinaryIO:
-    """Open without updating atime where the kernel lets us (owner or CAP_FOWNER)."""
+def open_for_reading(path: str) -> int:
+    """A raw file descriptor, opened without updating atime where the kernel lets us
+    (owner or CAP_FOWNER). Not a file object: `io.FileIO` costs an fstat of its own per
+    file, and reads here are whole-file-sized `os.read` calls anyway."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
     try:
-        fd = os.open(path, flags)
+        return os.open(path, flags)
     except PermissionError:
-        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
-    return io.FileIO(fd, "r")  # unbuffered: every read is one whole-file-sized syscall
+        return os.open(path, flags & ~getattr(os, "O_NOATIME", 0))

@@ -310,6 +310,7 @@ class _Run:
         with (
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-writer") as writer,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher") as hasher,
         ):
             self.volumes = VolumeWriter(
                 open_writer,
@@ -319,6 +320,7 @@ class _Run:
                 target_size=self.job.volume_size,
                 pool=pool,
                 writer=writer,
+                hasher=hasher,
                 on_read=self._read,
             )
             catalog = _Catalog(open_writer, self.snapshot_id, self.recipients, self.cache)
@@ -444,9 +446,13 @@ class _Run:
         in_this_volume = (
             first is not None and first[1] != 0 and first[1] == (self.volumes.volume_number)
         )
-        if not in_this_volume or self.volumes.is_full or first[0].sha256 is None:
+        if not in_this_volume or self.volumes.is_full:
             return False
         target = first[0]
+        if target.location is None:  # rare: wait for its frames, whose hashing sets its sha256
+            self.volumes.flush()
+        if target.sha256 is None:  # it shrank while being read: store this name in full
+            return False
         entry.type, entry.link, entry.sha256 = HARDLINK, target.path, target.sha256
         header = member_header(name, TAR_HARDLINK, linkname=_member_name(target), **owner)
         self.volumes.add(entry, header)
@@ -454,15 +460,17 @@ class _Run:
 
     def _store_file(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
         try:
-            stream = open_for_reading(entry.path)
+            fd = open_for_reading(entry.path)
         except FileNotFoundError:
             return self._warn(f"{entry.path}: vanished before it could be read")
         except OSError as error:
             return self._warn(f"{entry.path}: not backed up: {error.strerror}")
-        with stream:
+        try:
             header = member_header(name, REGULAR, size=entry.size, **owner)
-            self.warnings += self.volumes.add(entry, header, stream)
-            after = os.fstat(stream.fileno())
+            self.warnings += self.volumes.add(entry, header, fd)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
         if (after.st_size, after.st_mtime_ns) != (entry.size, entry.mtime_ns):
             self.warnings.append(f"{entry.path}: changed while being read")
         if found.stat.st_nlink > 1:

@@ -74,6 +74,7 @@ def test_catalog_lines_are_what_json_dumps_writes():
         (b"x" * 100, b"2", b"y" * 100, 0, "u" * 32),
         (b"d/\xc3\xa9t\xc3\xa9/", b"5", b"", 0, ""),
         (b"a/b", b"1", b"a/c", 0, "\u00e9" * 16),
+        (b"\xff" * 100, b"2", b"\xfe" * 100, 0, "\u00ff" * 16),  # the largest byte sums
     ],
 )
 def test_headers_without_pax_are_the_general_block_and_read_back(name, kind, linkname, size, uname):

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,11 @@ class Objects(dict):
 @contextlib.contextmanager
 def volume_writer(objects: Objects, *, level: int, target_size: int) -> Iterator[VolumeWriter]:
     """A VolumeWriter with its compression pool and writer thread, as a backup runs it."""
-    with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as writes:
+    with (
+        ThreadPoolExecutor(2) as pool,
+        ThreadPoolExecutor(1) as writes,
+        ThreadPoolExecutor(1) as hasher,
+    ):
         yield VolumeWriter(
             objects.open_writer,
             "20260101T000000Z-abcdef",
@@ -46,6 +51,7 @@ def volume_writer(objects: Objects, *, level: int, target_size: int) -> Iterator
             target_size=target_size,
             pool=pool,
             writer=writes,
+            hasher=hasher,
         )
 
 
@@ -72,7 +78,13 @@ def add_file(writer: VolumeWriter, path: str, data: bytes) -> Entry:
         uname="root",
         gname="root",
     )
-    writer.add(entry, header, io.BytesIO(data))
+    fd = os.memfd_create("member")  # a real descriptor, as the backup passes one
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        writer.add(entry, header, fd)
+    finally:
+        os.close(fd)
     return entry
 
 
