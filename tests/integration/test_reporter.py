@@ -772,7 +772,7 @@ def ignore_sigint() -> None:
 
 
 def start_follower(args: list[str], amqp_url: str) -> tuple[subprocess.Popen, Lines, Lines]:
-    """Started as from a background job, with SIGINT ignored: the tests' SIGINT must still end it."""
+    """Started as from a background job, with SIGINT ignored: SIGINT must still end it."""
     env = {**os.environ, "MUSTER_BROKER_URL": amqp_url}
     process = subprocess.Popen(
         [str(MUSTER), *args],
