@@ -118,6 +118,7 @@ class BatchPublisher:
         self._nacked = False
         self._lost = False  # the connection went while messages were unconfirmed
         self._returned: set[str] = set()
+        self._confirming = True
 
     def publish(self, message: Message) -> None:
         producer = self._producer or self._open()
@@ -127,8 +128,9 @@ class BatchPublisher:
         except Exception:
             self.reset()
             raise
-        self._sent += 1
-        self._unconfirmed.add(self._sent)
+        if self._confirming:
+            self._sent += 1
+            self._unconfirmed.add(self._sent)
 
     def confirm(self, timeout: float = 30) -> set[str]:
         """Wait until RabbitMQ confirmed everything published; returns the ids of messages
@@ -166,10 +168,14 @@ class BatchPublisher:
     def _open(self) -> Producer:
         connection = self._template.clone(heartbeat=0, transport_options=dict(RETRY_POLICY))
         channel = connection.channel()
-        channel.confirm_select()
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
-        channel.events["basic_return"].add(self._on_return)
+        # kombu's in-process memory transport (`muster up --embedded`) has no confirms
+        # and no returns: a message is in its queue once published.
+        self._confirming = hasattr(channel, "confirm_select")
+        if self._confirming:
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
         self._connection, self._producer = connection, Producer(channel)
         return self._producer
 

@@ -8,12 +8,21 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kombu import Producer
 
-from broker.connection import QUEUE_HEADER, REASON_HEADER, ContractConsumer, connect
+from broker.codec import decode
+from broker.connection import (
+    QUEUE_HEADER,
+    REASON_HEADER,
+    BatchPublisher,
+    ContractConsumer,
+    connect,
+)
 from broker.errors import InvalidMessage
 from broker.rules import load_rules
-from broker.topology import DEAD_QUEUE, EVENTS, RULEENGINE_QUEUE, declare
+from broker.signing import sign_plan
+from broker.topology import DEAD_QUEUE, EVENTS, RULEENGINE_QUEUE, declare, plan_queue
 from broker.up_config import UpSettings
 from muster.cli import cli
 from muster.embedded import (
@@ -30,6 +39,7 @@ from muster.embedded import (
 from muster.mongo import MongoUnavailable, find_secantusd
 from muster.sample import NODES, RESTORED_FILE, generate
 from ruleengine.compile import plan_for
+from tests.examples import plan
 
 
 @pytest.fixture
@@ -164,6 +174,25 @@ def test_on_the_memory_transport_an_invalid_message_is_dead_lettered_with_its_re
     assert letter is not None and handled == []
     assert letter.headers[REASON_HEADER].startswith("message is not UTF-8 JSON")
     assert letter.headers[QUEUE_HEADER] == RULEENGINE_QUEUE.name
+
+
+def test_on_the_memory_transport_the_rule_engine_publisher_delivers_without_confirms():
+    """The memory transport has no publisher confirms: the rule engine's batch publisher
+    must still deliver a plan to the node's queue, and a batch confirms at once."""
+    signed = sign_plan(plan("web1"), Ed25519PrivateKey.generate())
+    with connect([BROKER_URL]) as connection:
+        declare(connection)
+        queue = plan_queue("web1")(connection.channel())
+        queue.declare()
+        queue.purge()
+        publisher = BatchPublisher(connection)
+        try:
+            publisher.publish(signed)
+            assert publisher.confirm(timeout=1) == set()
+        finally:
+            publisher.reset()
+        delivered = queue.get(no_ack=True)
+    assert delivered is not None and decode(delivered.body).id == signed.id
 
 
 def test_embedded_brings_its_own_servers_and_refuses_theirs():
