@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kombu import Connection
 from kombu.message import Message as Delivery
 
-from broker.connection import RETRY_POLICY, BatchPublisher, ContractConsumer
+from broker.connection import RETRY_POLICY, BatchPublisher, ContractConsumer, acknowledge
 from broker.messages import Alert, Announce, AnyMessage, Keepalive, SignedPlan
 from broker.rules import Problem, RulesError, RuleSet, load_rules, parse_rules, revision_of
 from broker.signing import key_id, sign_plan
@@ -110,7 +110,7 @@ class RuleEngine(ContractConsumer):
     Deliveries are answered in batches: each plan is published at once (the node has it
     without delay), the delivery is held, and when half the prefetch is held or the
     oldest has waited `flush_interval` seconds, the engine waits for all the plans'
-    confirms together, then acknowledges the held deliveries with one `multiple` ack.
+    confirms together, then acknowledges the held deliveries together (`acknowledge`).
     An announce is therefore acknowledged only once its plan is stored by RabbitMQ; if
     the confirms fail, the held deliveries are requeued and answered again.
     """
@@ -204,8 +204,7 @@ class RuleEngine(ContractConsumer):
                 delivery.requeue()
             return
         self.counts["published"] += len(plans)
-        if held:
-            held[-1].ack(multiple=True)
+        acknowledge(held)
 
     def _declare_and_send(self, signed: SignedPlan) -> None:
         node = signed.plan.node

@@ -17,6 +17,7 @@ from broker.connection import (
     REASON_HEADER,
     BatchPublisher,
     ContractConsumer,
+    acknowledge,
     connect,
 )
 from broker.errors import InvalidMessage
@@ -193,6 +194,24 @@ def test_on_the_memory_transport_the_rule_engine_publisher_delivers_without_conf
             publisher.reset()
         delivered = queue.get(no_ack=True)
     assert delivered is not None and decode(delivered.body).id == signed.id
+
+
+def test_on_the_memory_transport_a_batch_acknowledgement_settles_every_delivery():
+    """The memory transport ignores `multiple`: acknowledging a batch must still settle all
+    of it, or the unacknowledged rest holds the prefetch and the consumer stalls."""
+    with connect([BROKER_URL]) as connection:
+        declare(connection)
+        queue = plan_queue("ack-test")
+        channel = connection.channel()
+        queue(channel).declare()
+        queue(channel).purge()
+        for number in range(3):
+            Producer(channel).publish({"n": number}, exchange="", routing_key=queue.name)
+        reader = connection.channel()
+        reader.basic_qos(0, 2, False)
+        deliveries = [queue(reader).get() for _ in range(3)]
+        acknowledge(deliveries)
+        assert reader.qos.can_consume()  # with one still unacknowledged it could not
 
 
 def test_embedded_brings_its_own_servers_and_refuses_theirs():
