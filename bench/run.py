@@ -776,7 +776,7 @@ class Bench:
         text = render(self)
         out: Path = self.args.out
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        out.write_text(text + kept_tail(out))
         self.log(f"wrote {out} (raw numbers: {self.work / 'results.json'})")
 
 
@@ -1410,6 +1410,21 @@ def _filesystem(path: Path) -> str:
         ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False
     )
     return result.stdout.strip() or "?"
+
+
+# The fleet figures (bench/fleet.py, bench/ingest.py, bench/footprint.py) close the same
+# document: everything from this line on is carried over when the report is written again.
+KEPT_MARK = (
+    "<!-- fleet figures: from bench/fleet.py, ingest.py, footprint.py; kept by bench/run.py -->"
+)
+
+
+def kept_tail(out: Path) -> str:
+    """The part of an earlier report that this benchmark does not measure."""
+    if not out.exists():
+        return ""
+    _, mark, tail = out.read_text().partition(KEPT_MARK)
+    return f"\n{mark}{tail}" if mark else ""
 
 
 def compile_muster() -> None:
