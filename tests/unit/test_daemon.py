@@ -1119,6 +1119,8 @@ def test_the_daemon_loads_no_engine_storage_client_compression_or_cryptography()
         "botocore",
         "broker.signing",
         "cryptography",
+        "dotenv",
+        "pydantic_settings",
         "requests",
         "rich",
         "swiftclient",
