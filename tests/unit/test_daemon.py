@@ -1184,3 +1184,32 @@ def test_an_isolated_agent_refuses_to_start_with_a_bad_trusted_key(tmp_path, sig
     bad.write_text("not a key")
     with pytest.raises(ValueError):
         make_agent(tmp_path, signing, isolated_runs=True, trusted_keys=[bad])
+
+
+def test_the_daemon_process_keeps_no_cli_modules() -> None:
+    """`muster agent run` execs agent.daemon_main: what that imports is what the daemon
+    holds for its lifetime, and the option parsing stays behind."""
+    code = "import sys, agent.daemon_main\nprint('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "agent.daemon" in loaded
+    cli = ("click", "muster.cli", "agent.daemon_cli", "broker.cli", "pydantic_settings", "rich")
+    assert sorted(m for m in loaded if m.startswith(cli)) == []
+
+
+def test_agent_run_hands_resolved_settings_to_the_daemon_process(tmp_path: Path) -> None:
+    """Flags and environment are resolved before the exec and reach the daemon (its start-up
+    error names the flag's state dir and the environment's missing key, with the CLI's exit
+    status for bad settings)."""
+    missing = tmp_path / "missing.pub"
+    env = {**os.environ, "MUSTER_TRUSTED_KEYS": str(missing), "MUSTER_CONFIG": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "muster", "agent", "run", "--state-dir", str(tmp_path / "st")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"trusted key file(s) not found: {missing}" in done.stderr
+    assert (tmp_path / "st" / "identity.txt").is_file()
