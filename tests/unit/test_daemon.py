@@ -6,6 +6,7 @@ import http.server
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import age, daemon_run
+from agent import age, daemon_main, daemon_run
 from agent.context import default_node, load_plan
 from agent.daemon import Agent, Backoff, ensure_identity
 from agent.daemon_run import describe_error
@@ -1213,3 +1214,32 @@ def test_agent_run_hands_resolved_settings_to_the_daemon_process(tmp_path: Path)
     assert done.returncode == 2, done.stderr
     assert f"trusted key file(s) not found: {missing}" in done.stderr
     assert (tmp_path / "st" / "identity.txt").is_file()
+
+
+def test_the_daemon_starts_with_two_malloc_arenas_and_gives_hooks_the_callers_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc reads GLIBC_TUNABLES at exec; the daemon then restores the variable as the
+    caller had it, so hooks and tools never see ours."""
+    env = {**os.environ, "MUSTER_BROKER_URL": "amqp://127.0.0.1:9/", "MUSTER_CONFIG": ""}
+    env.pop("GLIBC_TUNABLES", None)
+    log = tmp_path / "agent.log"
+    argv = [sys.executable, "-m", "muster", "agent", "run", "--state-dir", str(tmp_path / "st")]
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "started: broker" in log.read_text(), timeout=60)
+        started = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        assert b"GLIBC_TUNABLES=glibc.malloc.arena_max=2" in started
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+
+    read_end, write_end = os.pipe()
+    payload = {"log_level": 30, "settings": {"state_dir": str(tmp_path)}, "tunables": None}
+    os.write(write_end, json.dumps(payload).encode())
+    os.close(write_end)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    settings, level = daemon_main.read_settings(read_end)
+    assert (settings.state_dir, level) == (tmp_path, 30)
+    assert "GLIBC_TUNABLES" not in os.environ
