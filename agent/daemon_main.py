@@ -6,7 +6,8 @@ fleet (issue #4: under 40 MB idle). Parsing options needs click, the `muster` co
 module table and PyYAML's settings file reading; resolving them leaves garbage behind that
 Python never returns to the system. A fresh interpreter that only imports the daemon
 (agent.daemon) starts about 1 MiB smaller. The settings travel, resolved and validated, as
-JSON through an inherited pipe: not through the environment, which hooks and runs inherit.
+JSON in an inherited memory file (memfd): not through the environment, which hooks and
+runs inherit.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ ARENA_MAX = "glibc.malloc.arena_max=2"
 
 def exec_daemon(settings: AgentSettings, log_level: int) -> NoReturn:
     """Become the daemon: this process's image is replaced; it keeps its PID, environment
-    and standard streams. The settings (a few KiB) fit a pipe's buffer, so writing them
-    all before the exec cannot block."""
+    and standard streams. The settings go in a memory file, which no size can block (a
+    pipe nobody reads yet could)."""
     tunables = os.environ.get(TUNABLES)
     payload = json.dumps(
         {
@@ -48,13 +49,14 @@ def exec_daemon(settings: AgentSettings, log_level: int) -> NoReturn:
             "tunables": tunables,  # restored in the daemon: hooks and tools inherit its env
         }
     )
-    read_end, write_end = os.pipe()
-    with os.fdopen(write_end, "w") as pipe:
-        pipe.write(payload)
-    os.set_inheritable(read_end, True)
+    carrier = os.memfd_create("muster-agent-settings")
+    with os.fdopen(carrier, "w", closefd=False) as out:
+        out.write(payload)
+    os.lseek(carrier, 0, os.SEEK_SET)
+    os.set_inheritable(carrier, True)
     sys.stdout.flush()
     sys.stderr.flush()
-    argv = [sys.executable, "-m", "agent.daemon_main", SETTINGS_FD_OPTION, str(read_end)]
+    argv = [sys.executable, "-m", "agent.daemon_main", SETTINGS_FD_OPTION, str(carrier)]
     chosen = tunables or ""
     if "glibc.malloc.arena_max=" not in chosen:
         chosen = ":".join(filter(None, (chosen, ARENA_MAX)))
@@ -62,10 +64,10 @@ def exec_daemon(settings: AgentSettings, log_level: int) -> NoReturn:
 
 
 def read_settings(fd: int) -> tuple[AgentSettings, int]:
-    """The settings and log level `exec_daemon` wrote to the pipe `fd` (closed here); the
+    """The settings and log level `exec_daemon` wrote to the file `fd` (closed here); the
     environment's GLIBC_TUNABLES is put back as it was before the exec."""
-    with os.fdopen(fd) as pipe:
-        payload = json.loads(pipe.read())
+    with os.fdopen(fd) as carrier:
+        payload = json.loads(carrier.read())
     if payload["tunables"] is None:
         os.environ.pop(TUNABLES, None)
     else:
