@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
-from types import FrameType
 
 import click
 
-from agent.daemon import Agent
-from agent.hooks import redact
+from agent.daemon_main import exec_daemon
 from broker.agent_config import AgentSettings
 from broker.cli import settings_options
-
-log = logging.getLogger(__name__)
 
 
 @click.group("agent")
@@ -94,24 +89,4 @@ def run_command(
         keepalive_interval=keepalive_interval,
         metadata_url=metadata_url,
     )
-    try:
-        agent = Agent(settings, isolated_runs=True)
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        raise click.ClickException(f"{where}{error.strerror or error}") from None
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        log.warning("%s received: stopping at the next safe point", signal.Signals(signum).name)
-        agent.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    log.warning(
-        "agent %s started: broker %s, state %s, %d trusted key(s)",
-        settings.node,
-        redact(settings.broker_url),
-        settings.state_dir,
-        len(settings.trusted_keys),
-    )
-    agent.run()
-    log.warning("agent %s stopped", settings.node)
+    exec_daemon(settings, logging.getLogger().getEffectiveLevel())

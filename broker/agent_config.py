@@ -17,17 +17,12 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from broker.config import MusterSettings
 from broker.types import Duration, NodeId
-
-try:  # pydantic-settings >= 2.7: hand the raw environment string to our validators
-    from pydantic_settings import NoDecode
-except ImportError:  # pragma: no cover - older versions want JSON in the environment
-    NoDecode = None  # type: ignore[assignment,misc]
 
 DEFAULT_METADATA_URL = "http://169.254.169.254/openstack/latest/meta_data.json"
 DEFAULT_CLOUD_INIT_PATH = Path("/run/cloud-init/instance-data.json")
@@ -54,10 +49,6 @@ def default_state_dir() -> Path:
     return Path(home) / "muster"
 
 
-def _raw(annotation: Any) -> Any:
-    return Annotated[annotation, NoDecode] if NoDecode is not None else annotation
-
-
 class AgentSettings(MusterSettings):
     """What `muster agent run` reads. Sizes of things it keeps are bounded here too."""
 
@@ -66,7 +57,7 @@ class AgentSettings(MusterSettings):
     node: NodeId = Field(
         default_factory=default_node_id, description="this node's id [default: its FQDN]"
     )
-    labels: _raw(dict[str, str]) = Field(  # type: ignore[valid-type]
+    labels: dict[str, str] = Field(
         default={}, description="free key/values sent with the facts, for rules to match"
     )
     state_dir: Path = Field(
@@ -88,7 +79,7 @@ class AgentSettings(MusterSettings):
         default=DEFAULT_CONFIG_DRIVE_PATH,
         description="a mounted OpenStack config drive (or its meta_data.json itself)",
     )
-    trusted_keys: _raw(list[Path]) = Field(  # type: ignore[valid-type]
+    trusted_keys: list[Path] = Field(
         default=[], description="PEM files of the rule engine's Ed25519 public keys"
     )
     spool_max_files: int = Field(default=10_000, ge=10)

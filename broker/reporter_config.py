@@ -19,19 +19,12 @@ from __future__ import annotations
 import fnmatch
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
 from broker.config import MusterSettings
 from broker.types import Duration
-
-try:  # pydantic-settings >= 2.7: hand the raw environment string to our validator
-    from pydantic_settings import NoDecode
-except ImportError:  # pragma: no cover - older versions want JSON in the environment
-    NoDecode = None  # type: ignore[assignment,misc]
-
-MaxAges = Annotated[dict[str, Duration], NoDecode] if NoDecode is not None else dict[str, Duration]
 
 
 class ReporterSettings(MusterSettings):
@@ -99,7 +92,7 @@ class ReporterSettings(MusterSettings):
     overdue_critical: float = Field(
         default=2.0, ge=1, description="critical once the allowed age is exceeded this many times"
     )
-    max_age: MaxAges = Field(  # type: ignore[valid-type]
+    max_age: dict[str, Duration] = Field(
         default={},
         description="glob over 'node/job' (or 'job') -> the oldest a last success may be; "
         "overrides the learned interval",

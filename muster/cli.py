@@ -8,7 +8,7 @@ import click
 from kombu.exceptions import OperationalError
 
 from broker.errors import ContractError
-from muster import __version__
+from muster import LOG_FORMAT, __version__
 
 # Each command is imported only when it runs: `muster restore` need not load MongoDB,
 # the rule engine and the daemon first. `muster --help` imports them all.
@@ -57,9 +57,7 @@ class LazyGroup(click.Group):
 def cli(log_level: str) -> None:
     """Muster: fleet backup. Agents announce themselves, rules assign signed plans,
     backups go straight to object storage as tar + zstd + age."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
 
 
 def main() -> None:

@@ -40,3 +40,18 @@ def test_errors_name_the_setting_and_missing_files(tmp_path):
     assert "broker_uri" in str(error.value)
     with pytest.raises(InvalidMessage, match="does not exist"):
         MusterSettings.load(tmp_path / "missing.yaml")
+
+
+def test_environment_names_match_in_any_case_and_only_settings(monkeypatch):
+    monkeypatch.setenv("muster_heartbeat", "9")
+    monkeypatch.setenv("MUSTER_LOG_LEVEL", "debug")  # a CLI option, not a setting
+    assert MusterSettings.load().heartbeat == 9
+
+
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
+    config = tmp_path / "list.yaml"
+    config.write_text("- broker_url\n")
+    with pytest.raises(InvalidMessage, match="mapping"):
+        MusterSettings.load(config)
+    config.write_text("")  # an empty file is no settings at all
+    assert MusterSettings.load(config).broker_url == DEFAULT_BROKER_URL

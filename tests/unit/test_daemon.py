@@ -6,6 +6,7 @@ import http.server
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import age, daemon_run
+from agent import age, daemon_main, daemon_run
 from agent.context import default_node, load_plan
 from agent.daemon import Agent, Backoff, ensure_identity
 from agent.daemon_run import describe_error
@@ -1119,6 +1120,8 @@ def test_the_daemon_loads_no_engine_storage_client_compression_or_cryptography()
         "botocore",
         "broker.signing",
         "cryptography",
+        "dotenv",
+        "pydantic_settings",
         "requests",
         "rich",
         "swiftclient",
@@ -1182,3 +1185,61 @@ def test_an_isolated_agent_refuses_to_start_with_a_bad_trusted_key(tmp_path, sig
     bad.write_text("not a key")
     with pytest.raises(ValueError):
         make_agent(tmp_path, signing, isolated_runs=True, trusted_keys=[bad])
+
+
+def test_the_daemon_process_keeps_no_cli_modules() -> None:
+    """`muster agent run` execs agent.daemon_main: what that imports is what the daemon
+    holds for its lifetime, and the option parsing stays behind."""
+    code = "import sys, agent.daemon_main\nprint('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "agent.daemon" in loaded
+    cli = ("click", "muster.cli", "agent.daemon_cli", "broker.cli", "pydantic_settings", "rich")
+    assert sorted(m for m in loaded if m.startswith(cli)) == []
+
+
+def test_agent_run_hands_resolved_settings_to_the_daemon_process(tmp_path: Path) -> None:
+    """Flags and environment are resolved before the exec and reach the daemon (its start-up
+    error names the flag's state dir and the environment's missing key, with the CLI's exit
+    status for bad settings)."""
+    missing = tmp_path / "missing.pub"
+    env = {**os.environ, "MUSTER_TRUSTED_KEYS": str(missing), "MUSTER_CONFIG": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "muster", "agent", "run", "--state-dir", str(tmp_path / "st")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"trusted key file(s) not found: {missing}" in done.stderr
+    assert (tmp_path / "st" / "identity.txt").is_file()
+
+
+def test_the_daemon_starts_with_two_malloc_arenas_and_gives_hooks_the_callers_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc reads GLIBC_TUNABLES at exec; the daemon then restores the variable as the
+    caller had it, so hooks and tools never see ours."""
+    env = {**os.environ, "MUSTER_BROKER_URL": "amqp://127.0.0.1:9/", "MUSTER_CONFIG": ""}
+    env.pop("GLIBC_TUNABLES", None)
+    log = tmp_path / "agent.log"
+    argv = [sys.executable, "-m", "muster", "agent", "run", "--state-dir", str(tmp_path / "st")]
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "started: broker" in log.read_text(), timeout=60)
+        started = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        assert b"GLIBC_TUNABLES=glibc.malloc.arena_max=2" in started
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+
+    read_end, write_end = os.pipe()
+    payload = {"log_level": 30, "settings": {"state_dir": str(tmp_path)}, "tunables": None}
+    os.write(write_end, json.dumps(payload).encode())
+    os.close(write_end)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    settings, level = daemon_main.read_settings(read_end)
+    assert (settings.state_dir, level) == (tmp_path, 30)
+    assert "GLIBC_TUNABLES" not in os.environ
