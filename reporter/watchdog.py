@@ -13,10 +13,11 @@ still unpublished after `republish_after` seconds, with the same message id, so 
 subscriber that keeps ids sees each change once.
 
 Silence is judged against what the reporter has ingested (`judging_time`): while its
-queue holds a backlog, "now" for the keepalive check is the service's watermark (the
-newest sender time it has written), so keepalives still waiting in the queue do not read
-as silence. A tick spends at most `budget` seconds on changes and says `unfinished`; the
-rest follows on the next ticks, so a mass event never holds ingestion for long.
+queue holds a backlog, "now" for the keepalive check is the service's watermark (about
+the newest sender time it has written), so keepalives still waiting in the queue do not
+read as silence. A tick stops once it has spent `budget` seconds on changes and says
+`unfinished`; the rest follows on the next ticks, so a mass event never holds ingestion
+for long.
 
 The decisions themselves (`keepalive_verdict`, `overdue_verdict`, ...) are pure functions.
 """
@@ -62,9 +63,9 @@ def advance_watermark(
 def judging_time(
     wall: datetime, watermark: datetime | None, backlog: int | None, batch_size: int
 ) -> datetime | None:
-    """ "Now" for the keepalive check: the wall clock when the queue holds at most one
-    batch (or its depth is unknown); with a backlog, the watermark (never later than the
-    wall clock); with a backlog and no watermark yet, None: nothing to judge by."""
+    """The time the keepalive check takes as now: the wall clock when the queue holds at
+    most one batch (or its depth is unknown); with a backlog, the watermark (never later
+    than the wall clock); with a backlog and no watermark yet, None: nothing to judge by."""
     if backlog is None or backlog <= batch_size:
         return wall
     return None if watermark is None else min(watermark, wall)
@@ -263,9 +264,9 @@ class Watchdog:
         silence_now = judging_time(now, self.watermark(), self.backlog(), self.settings.batch_size)
         if silence_now is not None:
             self.check_keepalives(silence_now, judged_by_wall=silence_now == now)
-        self.check_nodes(now)
-        self.check_jobs(now)
-        self.republish(now)
+        for check in (self.check_nodes, self.check_jobs, self.republish):
+            if not self.unfinished:  # once spent, not even the reads: the next tick redoes them
+                check(now)
         return self.changes - before
 
     def _spent(self) -> bool:
@@ -316,12 +317,16 @@ class Watchdog:
         open_now = self._open_alerts("keepalive")
         pending = dict(open_now)
         for node in self.store.nodes.find(self.silent_query(now), projection):
+            if self.unfinished:
+                return
             key = f"keepalive:{node['_id']}"
             pending.pop(key, None)
             verdict = keepalive_verdict(node, now, self.settings)
             if judged_by_wall or not lowers(open_now.get(key), verdict, node):
                 self._decide(open_now, key, "keepalive", node["_id"], None, verdict)
         for key, alert in pending.items():  # open, but the node is no longer late
+            if self.unfinished:
+                return
             node = self.store.nodes.find_one({"_id": alert.get("node")}, projection)
             verdict = keepalive_verdict(node, now, self.settings) if node else None
             if judged_by_wall or not lowers(alert, verdict, node):
@@ -334,11 +339,15 @@ class Watchdog:
         open_now = self._open_alerts("unprotected")
         pending = dict(open_now)
         for node in self.store.nodes.find(query, projection):
+            if self.unfinished:
+                return
             key = f"unprotected:{node['_id']}"
             pending.pop(key, None)
             verdict = unprotected_verdict(node, now, self.settings)
             self._decide(open_now, key, "unprotected", node["_id"], None, verdict)
         for key, alert in pending.items():
+            if self.unfinished:
+                return
             node = self.store.nodes.find_one({"_id": alert.get("node")}, projection)
             verdict = unprotected_verdict(node, now, self.settings) if node else None
             self._decide(open_now, key, "unprotected", alert.get("node"), None, verdict)
@@ -356,6 +365,8 @@ class Watchdog:
         overdue_now = self._open_alerts("overdue")
         restore_now = self._open_alerts("restore_test")
         for job in self.store.jobs.find({}, projection):
+            if self.unfinished:
+                return
             node, name = job["node"], job["job"]
             overdue = overdue_verdict(job, now, self.settings)
             self._decide(overdue_now, f"overdue:{node}/{name}", "overdue", node, name, overdue)
