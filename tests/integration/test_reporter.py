@@ -607,6 +607,40 @@ def test_keepalives_waiting_in_a_backlog_are_not_silence_until_it_drains(
     assert "silent for 31 s" in alert["summary"]
 
 
+def test_an_instance_further_behind_does_not_undo_an_alert_until_the_node_is_heard_of(
+    connection, start_reporter, store, make_watchdog
+):
+    node, t0 = name(), datetime.now(UTC)
+    clock = Clock(t0 + timedelta(minutes=10))
+    reporter = start_reporter(clock)
+    publish(connection, Keepalive(node=node, uptime=1, interval=10, plan_hash="sha256:1", time=t0))
+    wait_for(lambda: data(reporter) == 1)
+
+    def behind() -> int:
+        """A depth of more than a batch: both judge by their watermarks (rule under test)."""
+        return 1000
+
+    rules = {"keepalive_warning": 3, "keepalive_critical": 5}
+    ahead = make_watchdog(
+        clock, {"backlog": behind, "watermark": lambda: t0 + timedelta(seconds=31)}, **rules
+    )
+    later = make_watchdog(
+        clock, {"backlog": behind, "watermark": lambda: t0 + timedelta(seconds=20)}, **rules
+    )
+    assert ahead.tick() == 1
+    assert later.tick() == 0, "20 s of silence by its watermark, but not heard of since"
+    assert store.alerts.find_one({"_id": f"keepalive:{node}"})["state"] == "open"
+    publish(
+        connection,
+        Keepalive(
+            node=node, uptime=25, interval=10, plan_hash="sha256:1", time=t0 + timedelta(seconds=25)
+        ),
+    )
+    wait_for(lambda: data(reporter) == 2)
+    assert later.tick() == 1, "heard of since: resolved"
+    assert store.alerts.find_one({"_id": f"keepalive:{node}"})["state"] == "resolved"
+
+
 def test_a_mass_silence_is_raised_over_several_ticks_while_ingestion_goes_on(
     connection, start_reporter, store, make_watchdog
 ):
