@@ -23,7 +23,9 @@ message (a document MongoDB refuses) requeues just that message, and the queue's
 delivery limit dead-letters it if it keeps failing.
 
 The watchdog (reporter.watchdog) runs between deliveries in the same thread, every
-`watchdog_interval` seconds.
+`watchdog_interval` seconds, or again soon while a mass event leaves it unfinished. It
+judges silence by `watermark` (the median sender time of the newest written batch) while
+the queue holds a backlog.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from broker.topology import REPORTER_QUEUE
 from broker.types import utcnow
 from reporter.ingest import Write, Writes, build_writes
 from reporter.store import LANES, Store
-from reporter.watchdog import Watchdog
+from reporter.watchdog import Watchdog, advance_watermark
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +181,15 @@ class Reporter(ContractConsumer):
         self.instance = instance or socket.gethostname()
         self.ready = threading.Event()
         self.counts: Counter[str] = Counter()
-        self.watchdog = Watchdog(store, self.publisher.publish, settings, clock)
+        self.watermark: datetime | None = None
+        self.watchdog = Watchdog(
+            store,
+            self.publisher.publish,
+            settings,
+            clock,
+            backlog=self.queue_depth,
+            watermark=lambda: self.watermark,
+        )
         self._watchdog_on = watchdog
         self._held: list[Held] = []
         self._writing: Batch | None = None
@@ -296,6 +306,9 @@ class Reporter(ContractConsumer):
             log.warning("MongoDB is back: %d held messages written", len(batch.held))
         self._failures, self._retry_at, self.mongo_up = 0, 0.0, True
         self._settle(batch.held, refused)
+        self.watermark = advance_watermark(
+            self.watermark, [h.message for h in batch.held], self.clock()
+        )
         for item in batch.held:
             self.counts[item.message.type] += 1
         self.counts["batches"] += 1
@@ -333,10 +346,25 @@ class Reporter(ContractConsumer):
             last.ack(multiple=True)
 
     def run_watchdog(self) -> None:
+        """A tick left unfinished goes on after as long again for deliveries."""
         try:
             self.watchdog.tick()
         except PyMongoError as error:
             log.warning("watchdog skipped: MongoDB unavailable (%s)", str(error)[:300])
+        if self.watchdog.unfinished:
+            self._next_watchdog = time.monotonic() + self.watchdog.budget
+
+    def queue_depth(self) -> int | None:
+        """Messages waiting in `muster.reporter` (not those delivered and unacknowledged),
+        by a passive declare on the consuming channel; None when the broker cannot say."""
+        try:
+            declared = self.connection.default_channel.queue_declare(
+                queue=REPORTER_QUEUE.name, passive=True
+            )
+        except Exception as error:  # the broker is away: judge by the wall clock
+            log.warning("cannot read the depth of %s: %s", REPORTER_QUEUE.name, error)
+            return None
+        return declared.message_count
 
     def stop(self) -> None:
         self.should_stop = True

@@ -12,6 +12,13 @@ a publish that fails (broker away) is retried by the next tick that finds the do
 still unpublished after `republish_after` seconds, with the same message id, so a
 subscriber that keeps ids sees each change once.
 
+Silence is judged against what the reporter has ingested (`judging_time`): while its
+queue holds a backlog, "now" for the keepalive check is the service's watermark (about
+the newest sender time it has written), so keepalives still waiting in the queue do not
+read as silence. A tick stops once it has spent `budget` seconds on changes and says
+`unfinished`; the rest follows on the next ticks, so a mass event never holds ingestion
+for long.
+
 The decisions themselves (`keepalive_verdict`, `overdue_verdict`, ...) are pure functions.
 """
 
@@ -20,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +37,7 @@ from typing import Any
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from broker.messages import Alert
+from broker.messages import Alert, AnyMessage
 from broker.reporter_config import ReporterSettings
 from reporter.ingest import SUCCESSFUL, alert_fields, history_document
 from reporter.store import EPOCH, Store, as_utc
@@ -36,6 +45,30 @@ from reporter.store import EPOCH, Store, as_utc
 log = logging.getLogger(__name__)
 
 REPORTER_KINDS = ("keepalive", "overdue", "restore_test", "unprotected")
+BUDGET = 1.0  # seconds of alert changes per tick, at most (one change always goes through)
+
+
+def advance_watermark(
+    current: datetime | None, messages: Sequence[AnyMessage], received: datetime
+) -> datetime | None:
+    """The watermark after writing `messages`: their median sender time, each clamped to
+    `received` as `last_seen` is, never moving back. The median, not the newest, so that a
+    few agents whose clocks run ahead cannot pull it up to the wall clock."""
+    if not messages:
+        return current
+    median = statistics.median_low([min(as_utc(m.time), received) for m in messages])
+    return median if current is None else max(current, median)
+
+
+def judging_time(
+    wall: datetime, watermark: datetime | None, backlog: int | None, batch_size: int
+) -> datetime | None:
+    """The time the keepalive check takes as now: the wall clock when the queue holds at
+    most one batch (or its depth is unknown); with a backlog, the watermark (never later
+    than the wall clock); with a backlog and no watermark yet, None: nothing to judge by."""
+    if backlog is None or backlog <= batch_size:
+        return wall
+    return None if watermark is None else min(watermark, wall)
 
 
 @dataclass(frozen=True)
@@ -178,6 +211,23 @@ def unprotected_verdict(
     return None
 
 
+def lowers(
+    alert: dict[str, Any] | None, verdict: Verdict | None, node: dict[str, Any] | None
+) -> bool:
+    """Whether `verdict` would resolve or lower an open keepalive alert although the node
+    has not been heard of since the alert recorded its `last_seen`."""
+    if alert is None or node is None:
+        return False
+    lowered = verdict is None or (alert["severity"], verdict.severity) == ("critical", "warning")
+    if not lowered:
+        return False
+    raised = (alert.get("details") or {}).get("last_seen")
+    last_seen = as_utc(node.get("last_seen"))
+    if raised is None or last_seen is None:
+        return False
+    return last_seen <= datetime.fromisoformat(raised)
+
+
 class Watchdog:
     """Evaluates every condition and records (and publishes) each change of an alert."""
 
@@ -187,29 +237,50 @@ class Watchdog:
         publish: Callable[[Alert], None],
         settings: ReporterSettings,
         clock: Callable[[], datetime],
+        *,
+        backlog: Callable[[], int | None] = lambda: None,
+        watermark: Callable[[], datetime | None] = lambda: None,
+        budget: float = BUDGET,
     ) -> None:
         self.store = store
         self.publish = publish
         self.settings = settings
         self.clock = clock
+        self.backlog = backlog
+        self.watermark = watermark
+        self.budget = budget
         self.changes = 0
+        self.unfinished = False
+        self._deadline = 0.0
+        self._tick_start = 0
 
     def tick(self) -> int:
-        """One full check; returns how many alert changes this instance made."""
+        """One check, bounded by `budget`; returns how many alert changes this instance
+        made. `unfinished` tells whether changes were left for the next tick."""
         now = self.clock()
-        before = self.changes
-        self.check_keepalives(now)
-        self.check_nodes(now)
-        self.check_jobs(now)
-        self.republish(now)
+        before = self._tick_start = self.changes
+        self._deadline = time.monotonic() + self.budget
+        self.unfinished = False
+        silence_now = judging_time(now, self.watermark(), self.backlog(), self.settings.batch_size)
+        if silence_now is not None:
+            self.check_keepalives(silence_now, judged_by_wall=silence_now == now)
+        for check in (self.check_nodes, self.check_jobs, self.republish):
+            if not self.unfinished:  # once spent, not even the reads: the next tick redoes them
+                check(now)
         return self.changes - before
+
+    def _spent(self) -> bool:
+        """True once this tick made a change and used its budget: the rest waits."""
+        if self.changes > self._tick_start and time.monotonic() >= self._deadline:
+            self.unfinished = True
+        return self.unfinished
 
     # -- conditions ---------------------------------------------------------------------
 
     def _open_alerts(self, kind: str) -> dict[str, dict[str, Any]]:
         """Open alerts of a kind: {key: {node, severity}} as this tick starts."""
         query = {"state": "open", "kind": kind}
-        projection = {"_id": 1, "node": 1, "severity": 1}
+        projection = {"_id": 1, "node": 1, "severity": 1, "details.last_seen": 1}
         return {doc["_id"]: doc for doc in self.store.alerts.find(query, projection)}
 
     def _decide(
@@ -228,7 +299,8 @@ class Watchdog:
             return
         if verdict is not None and current is not None and current["severity"] == verdict.severity:
             return
-        self.apply(key, kind, node, job, verdict)
+        if not self._spent():
+            self.apply(key, kind, node, job, verdict)
 
     def silent_query(self, now: datetime) -> dict[str, Any]:
         """Nodes silent for at least `keepalive_warning` of their own intervals."""
@@ -236,19 +308,29 @@ class Watchdog:
         limit = {"$multiply": [interval, 1000.0 * self.settings.keepalive_warning]}
         return {"$expr": {"$lt": ["$last_seen", {"$subtract": [now, limit]}]}}
 
-    def check_keepalives(self, now: datetime) -> None:
+    def check_keepalives(self, now: datetime, judged_by_wall: bool = True) -> None:
+        """Raise, escalate or resolve keepalive alerts as of `now`. Judged by a watermark
+        (`judged_by_wall` false), which differs a little between instances, an alert is
+        lowered or resolved only if its node was heard of since it was raised: otherwise
+        an instance a little further behind would undo what another raised, and flap."""
         projection = {"last_seen": 1, "keepalive_interval": 1, "skew": 1}
         open_now = self._open_alerts("keepalive")
         pending = dict(open_now)
         for node in self.store.nodes.find(self.silent_query(now), projection):
+            if self.unfinished:
+                return
             key = f"keepalive:{node['_id']}"
             pending.pop(key, None)
             verdict = keepalive_verdict(node, now, self.settings)
-            self._decide(open_now, key, "keepalive", node["_id"], None, verdict)
+            if judged_by_wall or not lowers(open_now.get(key), verdict, node):
+                self._decide(open_now, key, "keepalive", node["_id"], None, verdict)
         for key, alert in pending.items():  # open, but the node is no longer late
+            if self.unfinished:
+                return
             node = self.store.nodes.find_one({"_id": alert.get("node")}, projection)
             verdict = keepalive_verdict(node, now, self.settings) if node else None
-            self._decide(open_now, key, "keepalive", alert.get("node"), None, verdict)
+            if judged_by_wall or not lowers(alert, verdict, node):
+                self._decide(open_now, key, "keepalive", alert.get("node"), None, verdict)
 
     def check_nodes(self, now: datetime) -> None:
         cutoff = now - timedelta(seconds=self.settings.unprotected_grace)
@@ -257,11 +339,15 @@ class Watchdog:
         open_now = self._open_alerts("unprotected")
         pending = dict(open_now)
         for node in self.store.nodes.find(query, projection):
+            if self.unfinished:
+                return
             key = f"unprotected:{node['_id']}"
             pending.pop(key, None)
             verdict = unprotected_verdict(node, now, self.settings)
             self._decide(open_now, key, "unprotected", node["_id"], None, verdict)
         for key, alert in pending.items():
+            if self.unfinished:
+                return
             node = self.store.nodes.find_one({"_id": alert.get("node")}, projection)
             verdict = unprotected_verdict(node, now, self.settings) if node else None
             self._decide(open_now, key, "unprotected", alert.get("node"), None, verdict)
@@ -279,6 +365,8 @@ class Watchdog:
         overdue_now = self._open_alerts("overdue")
         restore_now = self._open_alerts("restore_test")
         for job in self.store.jobs.find({}, projection):
+            if self.unfinished:
+                return
             node, name = job["node"], job["job"]
             overdue = overdue_verdict(job, now, self.settings)
             self._decide(overdue_now, f"overdue:{node}/{name}", "overdue", node, name, overdue)
@@ -371,6 +459,8 @@ class Watchdog:
         cutoff = now - timedelta(seconds=self.settings.republish_after)
         query = {"published": False, "source": "reporter", "change_time": {"$lt": cutoff}}
         for doc in self.store.alerts.find(query):
+            if self._spent():
+                return
             alert = Alert(
                 id=doc["message_id"],
                 time=as_utc(doc["change_time"]) or EPOCH,

@@ -130,7 +130,12 @@ def store(make_settings) -> Iterator[Store]:
 def start_reporter(make_settings, amqp_url: str, connection: Connection):
     running: list[tuple[Reporter, threading.Thread, Store]] = []
 
-    def start(clock: Callable[[], datetime] | None = None, **values: object) -> Reporter:
+    def start(
+        clock: Callable[[], datetime] | None = None,
+        budget: float | None = None,
+        **values: object,
+    ) -> Reporter:
+        """A reporter on its own thread; with a `budget`, its watchdog runs with that."""
         settings = make_settings(**values)
         own = Store.from_settings(settings, f"reporter-{len(running)}")
         own.ensure_indexes()
@@ -140,8 +145,9 @@ def start_reporter(make_settings, amqp_url: str, connection: Connection):
             settings,
             clock=clock or (lambda: datetime.now(UTC)),
             instance=f"reporter-{len(running)}",
-            watchdog=False,
+            watchdog=budget is not None,
         )
+        reporter.watchdog.budget = budget or 0.0
         thread = threading.Thread(target=reporter.run, daemon=True)
         thread.start()
         running.append((reporter, thread, own))
@@ -206,10 +212,12 @@ def make_watchdog(store: Store, make_settings, amqp_url: str):
     """Watchdogs in the test's thread, each publishing on its own connection."""
     connections: list[Connection] = []
 
-    def make(clock: Clock, **values: object) -> Watchdog:
+    def make(clock: Clock, options: dict[str, object] | None = None, **values: object) -> Watchdog:
+        """`options` go to the Watchdog (backlog, watermark, budget), `values` to settings."""
         conn = connect([amqp_url])
         connections.append(conn)
-        return Watchdog(store, Publisher(conn).publish, make_settings(**values), clock)
+        publish = Publisher(conn).publish
+        return Watchdog(store, publish, make_settings(**values), clock, **(options or {}))
 
     yield make
     for conn in connections:
@@ -552,6 +560,127 @@ def test_the_keepalive_alert_warns_escalates_and_resolves_once_published(
     document = store.alerts.find_one({"_id": f"keepalive:{node}"})
     assert document["state"] == "resolved" and document["published"] is True
     assert store.alert_history.count_documents({"key": f"keepalive:{node}"}) == 3
+
+
+def consumers(connection: Connection) -> int:
+    _, _, consuming = connection.default_channel.queue_declare(REPORTER_QUEUE.name, passive=True)
+    return consuming
+
+
+def test_keepalives_waiting_in_a_backlog_are_not_silence_until_it_drains(
+    connection, start_reporter, store, make_watchdog, make_settings, amqp_url
+):
+    node, t0 = name(), datetime.now(UTC)
+    clock = Clock(t0)
+    first = start_reporter(clock, batch_size=5)
+    quiet = [name("quiet") for _ in range(4)]  # slow keepalives: never late in this test
+    publish(connection, Keepalive(node=node, uptime=1, interval=10, time=t0),
+            *(Keepalive(node=n, uptime=1, interval=60, time=t0) for n in quiet))  # fmt: skip
+    wait_for(lambda: data(first) == 5)
+    assert abs(first.watermark - t0) < timedelta(milliseconds=1)
+    first.stop()
+    wait_for(lambda: consumers(connection) == 0, what="the first reporter stopped")
+    # the node goes on every 10 s, but nothing reads the queue for 100 s
+    waiting = [t0 + timedelta(seconds=s) for s in range(10, 100, 10)]
+    publish(connection, *(Keepalive(node=node, uptime=1, interval=10, time=t) for t in waiting))
+    probe = Reporter(connect([amqp_url]), store, make_settings(batch_size=5), watchdog=False)
+    try:
+        assert probe.queue_depth() == 9
+        options = {"backlog": probe.queue_depth, "watermark": lambda: first.watermark}
+        watchdog = make_watchdog(
+            clock, options, batch_size=5, keepalive_warning=3, keepalive_critical=5
+        )
+        clock.set(t0 + timedelta(seconds=100))  # 10 intervals by the wall clock
+        assert watchdog.tick() == 0, "its keepalives wait in the queue: not silence"
+        assert store.alerts.count_documents({}) == 0
+        second = start_reporter(clock, batch_size=5)
+        wait_for(lambda: data(second) == 9, what="the backlog, drained")
+        assert probe.queue_depth() == 0
+        assert watchdog.tick() == 0, "drained: its last keepalive is 10 s old"
+        clock.set(t0 + timedelta(seconds=90 + 31))  # then it really goes silent
+        assert watchdog.tick() == 1
+    finally:
+        probe._writer.shutdown()
+        probe.connection.release()
+    alert = store.alerts.find_one({"_id": f"keepalive:{node}"})
+    assert alert["state"] == "open" and alert["severity"] == "warning"
+    assert "silent for 31 s" in alert["summary"]
+
+
+def test_an_instance_further_behind_does_not_undo_an_alert_until_the_node_is_heard_of(
+    connection, start_reporter, store, make_watchdog
+):
+    node, t0 = name(), datetime.now(UTC)
+    clock = Clock(t0 + timedelta(minutes=10))
+    reporter = start_reporter(clock)
+    publish(connection, Keepalive(node=node, uptime=1, interval=10, plan_hash="sha256:1", time=t0))
+    wait_for(lambda: data(reporter) == 1)
+
+    def behind() -> int:
+        """A depth of more than a batch: both judge by their watermarks (rule under test)."""
+        return 1000
+
+    rules = {"keepalive_warning": 3, "keepalive_critical": 5}
+    ahead = make_watchdog(
+        clock, {"backlog": behind, "watermark": lambda: t0 + timedelta(seconds=31)}, **rules
+    )
+    later = make_watchdog(
+        clock, {"backlog": behind, "watermark": lambda: t0 + timedelta(seconds=20)}, **rules
+    )
+    assert ahead.tick() == 1
+    assert later.tick() == 0, "20 s of silence by its watermark, but not heard of since"
+    assert store.alerts.find_one({"_id": f"keepalive:{node}"})["state"] == "open"
+    publish(
+        connection,
+        Keepalive(
+            node=node, uptime=25, interval=10, plan_hash="sha256:1", time=t0 + timedelta(seconds=25)
+        ),
+    )
+    wait_for(lambda: data(reporter) == 2)
+    assert later.tick() == 1, "heard of since: resolved"
+    assert store.alerts.find_one({"_id": f"keepalive:{node}"})["state"] == "resolved"
+
+
+def test_a_mass_silence_is_raised_over_several_ticks_while_ingestion_goes_on(
+    connection, start_reporter, store, make_watchdog
+):
+    nodes, t0 = [name("split") for _ in range(6)], datetime.now(UTC)
+    clock = Clock(t0)
+    reporter = start_reporter(clock)
+    publish(connection, *(Keepalive(node=n, uptime=1, interval=10, plan_hash="sha256:1",
+                                    time=t0) for n in nodes))  # fmt: skip
+    wait_for(lambda: data(reporter) == 6)
+    clock.set(t0 + timedelta(seconds=31))
+    watchdog = make_watchdog(clock, {"budget": 0.0}, keepalive_warning=3, keepalive_critical=5)
+    assert watchdog.tick() == 1 and watchdog.unfinished, "one change, then the budget is spent"
+    alerted = {doc["node"] for doc in store.alerts.find({"kind": "keepalive"})}
+    back = next(n for n in nodes if n not in alerted)
+    publish(connection, Keepalive(node=back, uptime=31, interval=10, plan_hash="sha256:1",
+                                  time=clock.now))  # fmt: skip
+    wait_for(lambda: data(reporter) == 7, what="ingestion between two ticks")
+    changes = [1]
+    while watchdog.unfinished:
+        changes.append(watchdog.tick())
+    assert changes == [1, 1, 1, 1, 1], "one change a tick; the node heard from is not raised"
+    opened = {doc["node"] for doc in store.alerts.find({"kind": "keepalive", "state": "open"})}
+    assert opened == set(nodes) - {back}
+
+
+def test_a_reporter_whose_watchdog_is_unfinished_goes_on_before_its_interval(
+    connection, start_reporter, store
+):
+    nodes, t0 = [name("split") for _ in range(4)], datetime.now(UTC)
+    clock = Clock(t0)
+    writer = start_reporter(clock)
+    publish(connection, *(Keepalive(node=n, uptime=1, interval=10, plan_hash="sha256:1",
+                                    time=t0) for n in nodes))  # fmt: skip
+    wait_for(lambda: data(writer) == 4)
+    clock.set(t0 + timedelta(seconds=31))
+    # watchdog_interval is an hour: only the early ticks of an unfinished one raise all four
+    busy = start_reporter(clock, budget=0.0, keepalive_warning=3, keepalive_critical=5)
+    query = {"kind": "keepalive", "state": "open"}
+    wait_for(lambda: store.alerts.count_documents(query) == 4, what="four ticks, one change each")
+    assert busy.watchdog.changes == 4 and not busy.watchdog.unfinished
 
 
 def test_an_overdue_backup_warns_escalates_and_resolves(

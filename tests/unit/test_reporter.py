@@ -15,8 +15,12 @@ from broker.reporter_config import ReporterSettings
 from reporter.cli import describe, parse_since
 from reporter.ingest import build_writes, empty_plan_hash
 from reporter.watchdog import (
+    Verdict,
+    advance_watermark,
     allowed_age,
+    judging_time,
     keepalive_verdict,
+    lowers,
     overdue_verdict,
     restore_test_verdict,
     unprotected_verdict,
@@ -153,6 +157,39 @@ def test_keepalive_warning_then_critical_in_intervals_of_the_node():
     assert critical and critical.severity == "critical"
     unknown_interval = {"_id": "web1", "last_seen": T}
     assert keepalive_verdict(unknown_interval, T + timedelta(seconds=59), rules) is None
+
+
+def test_the_watermark_is_the_median_sender_time_clamped_to_reception_and_never_goes_back():
+    batch = [keepalive(at=T + timedelta(seconds=s)) for s in (0, 10, 20)]
+    ahead = [*batch, *(keepalive(at=T + timedelta(hours=5)) for _ in range(2))]
+    received = T + timedelta(minutes=10)
+    assert advance_watermark(None, batch, received) == T + timedelta(seconds=10)
+    assert advance_watermark(None, ahead, received) == T + timedelta(seconds=20)
+    assert advance_watermark(None, [keepalive(at=T + timedelta(hours=5))], received) == received
+    later = T + timedelta(minutes=1)
+    assert advance_watermark(later, batch, received) == later, "it never moves back"
+    assert advance_watermark(later, [], received) == later
+    assert advance_watermark(None, [], received) is None
+
+
+def test_silence_is_judged_by_the_watermark_only_while_more_than_a_batch_waits():
+    wall, mark = T + timedelta(minutes=5), T
+    assert judging_time(wall, mark, backlog=20, batch_size=20) == wall
+    assert judging_time(wall, mark, backlog=21, batch_size=20) == mark
+    assert judging_time(wall, mark, backlog=None, batch_size=20) == wall, "depth unknown"
+    assert judging_time(wall, None, backlog=21, batch_size=20) is None, "nothing to judge by"
+    assert judging_time(T, wall, backlog=21, batch_size=20) == T, "never after the wall clock"
+
+
+def test_by_the_watermark_an_alert_is_lowered_only_for_a_node_heard_of_since():
+    alert = {"severity": "critical", "details": {"last_seen": T.isoformat()}}
+    silent, heard = {"last_seen": T}, {"last_seen": T + timedelta(seconds=1)}
+    warning, critical = Verdict("warning", "", {}), Verdict("critical", "", {})
+    assert lowers(alert, None, silent) and lowers(alert, warning, silent)
+    assert not lowers(alert, None, heard) and not lowers(alert, warning, heard)
+    assert not lowers(alert, critical, silent)
+    assert not lowers({**alert, "severity": "warning"}, critical, silent), "escalating"
+    assert not lowers(None, warning, silent), "raising"
 
 
 def test_usual_interval_is_the_upper_median_of_at_least_two_gaps():
