@@ -52,6 +52,7 @@ from broker.topology import REPORTER_QUEUE
 from broker.types import utcnow
 from reporter.ingest import Write, Writes, build_writes
 from reporter.store import LANES, Store
+from reporter.transport import buffered
 from reporter.watchdog import Watchdog, advance_watermark
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,10 @@ class Reporter(ContractConsumer):
         watchdog: bool = True,
     ) -> None:
         super().__init__(
-            connection, [REPORTER_QUEUE], self._not_used, prefetch=settings.effective_prefetch
+            buffered(connection),
+            [REPORTER_QUEUE],
+            self._not_used,
+            prefetch=settings.effective_prefetch,
         )
         self.store = store
         self.settings = settings

@@ -3,7 +3,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from broker.codec import MAX_MESSAGE_BYTES, decode, encode
+from broker.codec import MAX_MESSAGE_BYTES, decode, encode, parse_json, validate
 from broker.errors import InvalidMessage
 from broker.messages import Keepalive
 from tests.examples import every_message
@@ -14,6 +14,18 @@ def test_every_message_round_trips_through_json(message):
     decoded = decode(encode(message))
     assert type(decoded) is type(message)
     assert decoded.model_dump() == message.model_dump()
+
+
+@pytest.mark.parametrize("message", every_message(), ids=lambda m: m.type)
+def test_one_pass_decode_agrees_with_parse_then_validate(message):
+    """decode validates the raw bytes with pydantic's JSON parser; it must give what
+    json.loads then validate gives, extra fields and a plan's signed bytes included."""
+    data = json.loads(encode(message))
+    data["newer"] = {"ratio": 0.1, "big": 2**70, "text": "\u00e9"}
+    body = json.dumps(data).encode()
+    one_pass, two_step = decode(body), validate(parse_json(body))
+    assert one_pass.model_dump() == two_step.model_dump()
+    assert getattr(one_pass, "signed_body", None) == getattr(two_step, "signed_body", None)
 
 
 def test_every_message_carries_schema_id_and_utc_time():
