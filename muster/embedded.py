@@ -350,9 +350,6 @@ def central_settings(workdir: Workdir, mongo_url: str) -> UpSettings:
         signing_key=workdir.signing_key,
         reload_interval=1.0,
         mongo_url=mongo_url,
-        # kombu's virtual transports ignore `multiple` on acks: one message per batch
-        # makes the reporter's one acknowledgement per batch exact.
-        batch_size=1,
         flush_interval=0.2,
         watchdog_interval=2.0,
         metrics_port=0,

@@ -45,7 +45,7 @@ from kombu import Connection
 from kombu.message import Message as Delivery
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from broker.connection import ContractConsumer
+from broker.connection import ContractConsumer, acknowledge
 from broker.messages import AnyMessage
 from broker.reporter_config import ReporterSettings
 from broker.topology import REPORTER_QUEUE
@@ -335,9 +335,9 @@ class Reporter(ContractConsumer):
             self._oldest = batch.oldest
 
     def _settle(self, held: list[Held], refused: set[int]) -> None:
-        """Requeue what MongoDB refused, then acknowledge the rest with one `multiple` ack
-        of the last tag (every earlier tag is held in this batch or already settled)."""
-        last = None
+        """Requeue what MongoDB refused, then acknowledge the rest together (on AMQP one
+        `multiple` ack of the last tag: every earlier tag is held here or already settled)."""
+        written = []
         for index, item in enumerate(held):
             if item.delivery is None:
                 continue
@@ -345,9 +345,8 @@ class Reporter(ContractConsumer):
                 item.delivery.requeue()
                 self.counts["refused"] += 1
             else:
-                last = item.delivery
-        if last is not None:
-            last.ack(multiple=True)
+                written.append(item.delivery)
+        acknowledge(written)
 
     def run_watchdog(self) -> None:
         """A tick left unfinished goes on after as long again for deliveries."""
