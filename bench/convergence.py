@@ -25,8 +25,10 @@ in batches of `--batch` with publisher confirms, like a fleet booting at once. M
   engines should answer none of them (same hash) and keep the queue near empty.
 
 `--cold` simulates a first boot instead: the clock starts before the plan queues exist,
-and they are declared (on the receiving connection) while the announces go out; a plan
-for a queue the engine declared first waits in it until the node consumes.
+and they are declared while the announces go out, by `DECLARERS` connections at once (a
+booting fleet declares on as many connections as it has nodes; one connection would
+measure the simulator), each node's queue consumed as soon as it is declared; a plan for
+a queue the engine declared first waits in it until the node consumes.
 
 `--profile DIR` runs each engine under cProfile (`python -m cProfile -o`), which slows
 it down: use it to see where the time goes, not for the headline numbers.
@@ -54,6 +56,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -77,6 +80,8 @@ RULES = REPO_ROOT / "examples" / "rules.yaml"
 RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ENVELOPE_TIME = re.compile(rb'"time":"[^"]*"')  # a message's own time comes first
+DECLARERS = 8  # connections that declare plan queues at once in a cold boot
+DECLARE_CHUNK = 100  # queues declared before the node consumes them
 PLAN_QUEUE_ARGS = {"x-expires": PLAN_QUEUE_EXPIRES_MS, "x-max-length": 1, "x-overflow": "drop-head"}
 
 
@@ -204,11 +209,24 @@ class ConfirmingPublisher:
             self.connection.close()
 
 
+def declare_queues(channel: Any, nodes: list[Node]) -> None:
+    """Declare and bind the nodes' plan queues as `broker.topology.plan_queue` does,
+    pipelined; returns once RabbitMQ has done them all."""
+    for node in nodes:
+        name = f"muster.plan.{node.node}"
+        channel.queue_declare(
+            name, durable=True, auto_delete=False, arguments=PLAN_QUEUE_ARGS, nowait=True
+        )
+        channel.queue_bind(name, PLANS.name, routing_key=node.node, nowait=True)
+    channel.basic_qos(0, 0, False)  # a synchronous call: every declare above is done
+
+
 class PlanReceiver:
     """Every node's plan queue, consumed on one connection, on a thread of its own."""
 
     def __init__(self, url: str, nodes: list[Node]) -> None:
         self.nodes = nodes
+        self.url = url
         self.connection = amqp_connection(url)
         self.channel = self.connection.channel()
         self.bodies: dict[int, bytes] = {}
@@ -223,22 +241,57 @@ class PlanReceiver:
     def declare(self) -> float:
         """Declare and consume every node's plan queue; returns the seconds it took."""
         started = time.monotonic()
-        channel = self.channel
-        for node in self.nodes:
-            name = f"muster.plan.{node.node}"
-            channel.queue_declare(
-                name, durable=True, auto_delete=False, arguments=PLAN_QUEUE_ARGS, nowait=True
-            )
-            channel.queue_bind(name, PLANS.name, routing_key=node.node, nowait=True)
-            channel.basic_consume(
-                name,
+        declare_queues(self.channel, self.nodes)
+        self._consume(self.nodes)
+        return time.monotonic() - started
+
+    def _consume(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            self.channel.basic_consume(
+                f"muster.plan.{node.node}",
                 consumer_tag=str(node.index),
                 no_ack=True,
                 callback=self._on_plan,
                 nowait=True,
             )
-        channel.basic_qos(0, 0, False)  # a synchronous call: every declare above is done
-        return time.monotonic() - started
+        self.channel.basic_qos(0, 0, False)  # a synchronous call: the consumers are set
+
+    def _declare_in_parallel(self) -> None:
+        """Cold boot: `DECLARERS` connections declare chunks of queues at once; this
+        thread consumes each chunk once it is declared, and takes plans meanwhile."""
+        started = time.monotonic()
+        chunks = [
+            self.nodes[i : i + DECLARE_CHUNK] for i in range(0, len(self.nodes), DECLARE_CHUNK)
+        ]
+        todo: Queue[list[Node]] = Queue()
+        for chunk in chunks:
+            todo.put(chunk)
+        declared: Queue[list[Node]] = Queue()
+        workers = [
+            threading.Thread(target=self._declarer, args=(todo, declared), daemon=True)
+            for _ in range(DECLARERS)
+        ]
+        for worker in workers:
+            worker.start()
+        for _ in chunks:
+            while True:
+                with contextlib.suppress(TimeoutError, OSError):
+                    self.connection.drain_events(timeout=0.01)
+                with contextlib.suppress(Empty):
+                    self._consume(declared.get_nowait())
+                    break
+        self.declared_s = time.monotonic() - started
+
+    def _declarer(self, todo: Queue, declared: Queue) -> None:
+        with contextlib.closing(amqp_connection(self.url)) as connection:
+            channel = connection.channel()
+            while True:
+                try:
+                    chunk = todo.get_nowait()
+                except Empty:
+                    return
+                declare_queues(channel, chunk)
+                declared.put(chunk)
 
     def _on_plan(self, message: Any) -> None:
         index = int(message.delivery_info["consumer_tag"])
@@ -260,7 +313,7 @@ class PlanReceiver:
 
     def _loop(self, declare: bool) -> None:
         if declare:
-            self.declared_s = self.declare()
+            self._declare_in_parallel()
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError, OSError):
                 self.connection.drain_events(timeout=0.2)
