@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.convergence import REPO_ROOT, loadavg, log, proc_status, rabbitmq
+from bench.convergence import REPO_ROOT, loadavg, log, proc_status, services
 from bench.dataset import generate
 from broker.signing import generate_signing_key, public_pem
 
@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
-    with rabbitmq(args.services_dir) as url, workdir(args.work):
-        bench = Bench(args, url)
+    with services(args.services_dir) as env, workdir(args.work):
+        bench = Bench(args, env["MUSTER_TEST_AMQP_URL"])
         try:
             rows.append(bench.idle())
             save()

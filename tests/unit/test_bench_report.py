@@ -16,3 +16,15 @@ def test_without_the_mark_or_the_file_nothing_is_kept(tmp_path: Path):
     assert kept_tail(out) == ""
     out.write_text("# only node figures\n")
     assert kept_tail(out) == ""
+
+
+def test_every_benchmark_module_imports():
+    """The benchmarks share helpers (bench.convergence); a renamed one breaks them silently
+    until the next measurement, so importing them all is part of the suite."""
+    import importlib
+    import pkgutil
+
+    import bench
+
+    for module in pkgutil.iter_modules(bench.__path__):
+        importlib.import_module(f"bench.{module.name}")
