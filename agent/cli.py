@@ -20,7 +20,6 @@ from agent.actions.keys import generate_identity
 from agent.actions.snapshots import SnapshotSummary, latest, list_snapshots
 from agent.context import RepoContext, repo_command, reported_errors
 from agent.display import TransferProgress, human_duration, human_size
-from broker.cli import keys_group
 from muster import __version__
 
 MAX_WARNINGS_SHOWN = 20
@@ -140,7 +139,7 @@ def snapshots_table(summaries: list[SnapshotSummary], title: str) -> Table:
 # -- muster keys generate ------------------------------------------------------------------
 
 
-@keys_group.command("generate")
+@click.command("generate")
 @click.argument("keyfile", type=click.Path(dir_okay=False, path_type=Path))
 def keys_generate_command(keyfile: Path) -> None:
     """Create this node's age identity in KEYFILE (mode 0600; an existing file is never
@@ -154,6 +153,18 @@ def keys_generate_command(keyfile: Path) -> None:
         "without it, its backups cannot be decrypted",
         err=True,
     )
+
+
+def __getattr__(name: str) -> click.Group:
+    """`keys_group`, which `muster keys` loads: broker.cli's group plus `generate`. Built
+    only when asked for, because broker.cli brings kombu, which `muster backup` and
+    `muster snapshots` never use (tens of ms of every backup's start-up)."""
+    if name != "keys_group":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from broker.cli import keys_group
+
+    keys_group.add_command(keys_generate_command)
+    return keys_group
 
 
 # -- formatting ----------------------------------------------------------------------------

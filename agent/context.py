@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from agent import age
@@ -465,6 +464,8 @@ def _parse_document(text: str, path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         pass
+    import yaml  # here: the daemon's plan.json and ad hoc backups never need it (~20 ms)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
