@@ -1142,8 +1142,9 @@ def _verify_mode(results: dict[str, dict[str, list[Sample]]]) -> str:
     mode = samples[0].detail.get("mode") if samples else None
     if mode and "run_verify" in mode:
         return (
-            "`run_verify(..., all=True)` (downloads every volume and checks its sha256, then "
-            "restores every file to a scratch directory and checks each sha256)"
+            "`run_verify(..., all=True)` (reads every volume once, checking its sha256 as it "
+            "goes, and restores every file through the restore code into a sink that checks "
+            "each file's sha256 instead of writing it)"
         )
     return (
         "has no `run_verify` yet in this tree: a full `run_restore` to a scratch directory "
