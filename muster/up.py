@@ -22,6 +22,7 @@ from broker.cli import settings_options
 from broker.up_config import UpSettings
 from muster.central import Central, CentralError
 from muster.mongo import MongoUnavailable
+from ruleengine.cli import engine_options
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -71,16 +72,7 @@ def wait_for_interrupt() -> None:
     help="with --embedded: the SecantusDB server [env MUSTER_SECANTUSD; default: "
     ".services/venv-secantus/bin/secantusd-py, then the PATH]",
 )
-@click.option(
-    "--rules",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="the rules file [env MUSTER_RULES]",
-)
-@click.option(
-    "--signing-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Ed25519 plan-signing key, PEM [env MUSTER_SIGNING_KEY]",
-)
+@engine_options
 @click.option("--mongo-url", help="MongoDB URI [env MUSTER_MONGO_URL]")
 @settings_options
 def up_command(

@@ -158,17 +158,22 @@ def ruleengine_group() -> None:
     """The rule engine process: facts in, signed plans out."""
 
 
+def engine_options(command: Any) -> Any:
+    """--rules and --signing-key, for every command that runs a rule engine (`muster up`)."""
+    command = click.option(
+        "--signing-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Ed25519 plan-signing key, PEM [env MUSTER_SIGNING_KEY]",
+    )(command)
+    return click.option(
+        "--rules",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="the rules file [env MUSTER_RULES]",
+    )(command)
+
+
 @ruleengine_group.command("run")
-@click.option(
-    "--rules",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="the rules file [env MUSTER_RULES]",
-)
-@click.option(
-    "--signing-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Ed25519 plan-signing key, PEM [env MUSTER_SIGNING_KEY]",
-)
+@engine_options
 @settings_options
 def run_command(
     rules: Path | None, signing_key: Path | None, config_file: Path | None, broker_url: str | None
