@@ -327,6 +327,18 @@ def tail(
         return
 
 
+def result_figures(kind: Any, stats: dict[str, Any]) -> str:
+    """What a run of this kind did, in the words that fit it."""
+    if kind == "backup":
+        return f", {human_size(stats.get('bytes_stored') or 0)} stored"
+    if kind == "verify":
+        return (
+            f", {stats.get('files_checked', 0)} files checked, "
+            f"{stats.get('files_failed', 0)} failed"
+        )
+    return ""
+
+
 def describe(message: dict[str, Any]) -> str:
     """One line a person reads, for `status --follow`."""
     when = (message.get("time") or "")[11:19]
@@ -343,10 +355,9 @@ def describe(message: dict[str, Any]) -> str:
     if kind == "run_result":
         started, finished = parse_time(message.get("started")), parse_time(message.get("finished"))
         took = human_duration((finished - started).total_seconds()) if started and finished else "?"
-        stats = message.get("stats") or {}
         line = (
             f"{when} {node} {message.get('job')} {message.get('kind')} {message.get('status')} "
-            f"in {took}, {human_size(stats.get('bytes_stored') or 0)} stored"
+            f"in {took}{result_figures(message.get('kind'), message.get('stats') or {})}"
         )
         if message.get("snapshot"):
             line += f", snapshot {message['snapshot']}"

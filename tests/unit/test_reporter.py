@@ -269,6 +269,10 @@ def test_follow_lines_read_as_sentences():
     done = describe(result("r", T, state="failure").model_dump(mode="json") | {"error": "boom"})
     assert done.startswith("12:00:00 web1 etc backup failure in 30.0 s, 5 B stored")
     assert done.endswith(": boom")
+    tested = result("r", T, kind="verify").model_dump(mode="json")
+    tested["stats"] |= {"files_checked": 120, "files_failed": 2}
+    assert describe(tested).startswith("12:00:00 web1 etc verify success in 30.0 s, 120 files "
+                                       "checked, 2 failed")  # fmt: skip
     alert = Alert(key="keepalive:web1", kind="keepalive", state="open", severity="critical",
                   source="reporter", node="web1", summary="web1 silent", time=T)  # fmt: skip
     assert describe(alert.model_dump(mode="json")) == (
