@@ -1119,6 +1119,7 @@ def test_the_daemon_loads_no_engine_storage_client_compression_or_cryptography()
         "boto3",
         "botocore",
         "broker.signing",
+        "croniter",
         "cryptography",
         "dotenv",
         "pydantic_settings",
