@@ -347,7 +347,10 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds a process has used so far (0 when it is not known)."""
+    if not pid:
+        return 0.0
     with contextlib.suppress(OSError, IndexError, ValueError):
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
@@ -456,7 +459,7 @@ class Sampler:
         row["rss"] = [proc_status(pid)["VmRSS"] for pid in self.pids]
         for pid in self.pids:
             self.hwm[pid] = max(self.hwm[pid], proc_status(pid)["VmHWM"])
-        row["broker_cpu"] = cpu_seconds(self.broker_pid) if self.broker_pid else 0.0
+        row["broker_cpu"] = cpu_seconds(self.broker_pid)
         return row
 
     def start(self) -> None:
@@ -760,12 +763,16 @@ def broker_process() -> int | None:
     return None
 
 
+# The variable that says a server is already running, for the servers run as they are found.
+SERVER_URLS = {"rabbitmq": "MUSTER_TEST_AMQP_URL", "mongo": "MUSTER_TEST_MONGO_URL"}
+
+
 @contextlib.contextmanager
 def services(directory: Path, names: tuple[str, ...] = ("rabbitmq",)) -> Iterator[dict[str, str]]:
     """The `MUSTER_TEST_*` settings of the servers `names` from tests/services: the ones
     in the environment if MUSTER_TEST_AMQP_URL is set (left running), else started in
     `directory` here and stopped at the end. Also exported, so the samplers find pids."""
-    if os.environ.get("MUSTER_TEST_AMQP_URL"):
+    if all(os.environ.get(SERVER_URLS.get(name, "-")) for name in names):
         yield dict(os.environ)
         return
     env = {**os.environ, "MUSTER_SERVICES_DIR": str(directory)}

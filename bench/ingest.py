@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ from pathlib import Path
 from amqp import Connection as AmqpConnection
 from amqp import basic_message
 
+from bench.convergence import cpu_seconds, services
 from broker.codec import decode, encode
 from broker.connection import connect
 from broker.messages import Alert, Keepalive, Message, RunResult, RunStats, RunStatus
@@ -57,9 +57,6 @@ from broker.topology import EVENTS, PERSISTENT_TYPES, REPORTER_QUEUE, declare, r
 from reporter.ingest import build_writes
 from reporter.service import Reporter, write_batch
 from reporter.store import Store
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 CYCLE = 10  # per node and job: 6 keepalives, 3 run_status, 1 run_result
 
@@ -162,14 +159,6 @@ def publish_raw(amqp_url: str, events: list[Message]) -> None:
             time.sleep(0.1)
         if ready < len(events):
             raise SystemExit(f"only {ready} of {len(events)} messages reached the queue")
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User and system CPU seconds a process has used so far (0 when it is not known)."""
-    if not pid:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:
@@ -299,31 +288,9 @@ def server_pids(values: dict[str, str]) -> dict[str, int | None]:
 
 @contextlib.contextmanager
 def servers(directory: Path) -> Iterator[tuple[str, str, dict[str, int | None]]]:
-    given = os.environ.get("MUSTER_TEST_AMQP_URL"), os.environ.get("MUSTER_TEST_MONGO_URL")
-    if given[0] and given[1]:
-        yield given[0], given[1], server_pids(dict(os.environ))
-        return
-    env = {**os.environ, "MUSTER_SERVICES_DIR": str(directory)}
-    command = [sys.executable, "-m", "tests.services"]
-    started = subprocess.run(
-        [*command, "start", "rabbitmq", "mongo"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        if started.returncode:
-            raise SystemExit(f"cannot start the servers:\n{started.stderr}")
-        values = dict(
-            line.removeprefix("export ").split("=", 1)
-            for line in started.stdout.splitlines()
-            if line.startswith("export ")
-        )
+    """RabbitMQ and the MongoDB-protocol server (bench.convergence.services), with PIDs."""
+    with services(directory, ("rabbitmq", "mongo")) as values:
         yield values["MUSTER_TEST_AMQP_URL"], values["MUSTER_TEST_MONGO_URL"], server_pids(values)
-    finally:
-        subprocess.run([*command, "stop"], env=env, cwd=REPO_ROOT, capture_output=True, check=False)
 
 
 def us(seconds: float) -> str:
