@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import CLIENT_VARS, Fleet, S3Credentials, ServiceSet, SwiftCredentials
+from tests.services import (
+    CLIENT_VARS,
+    Fleet,
+    KeystoneCredentials,
+    S3Credentials,
+    ServiceSet,
+    SwiftCredentials,
+)
 from tests.services.common import SERVICES_HOME, STATE_DIR_VAR
 
 
@@ -53,3 +60,9 @@ def swift_credentials(services: ServiceSet) -> SwiftCredentials:
 def s3_credentials(services: ServiceSet) -> S3Credentials:
     """S3 credentials for Swift's s3api: path-style addressing."""
     return S3Credentials.from_env(services.env)
+
+
+@pytest.fixture(scope="session")
+def keystone_credentials(services: ServiceSet) -> KeystoneCredentials:
+    """A Keystone v3 user and project; the catalog's object-store is Swift behind keystoneauth."""
+    return KeystoneCredentials.from_env(services.env)

@@ -20,7 +20,11 @@ from .fleet import Fleet, export_lines
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.services", description=__doc__)
     commands = parser.add_subparsers(dest="action", required=True)
-    names = {"nargs": "*", "metavar": "NAME", "help": "rabbitmq, mongo or swift (default: all)"}
+    names = {
+        "nargs": "*",
+        "metavar": "NAME",
+        "help": "rabbitmq, mongo, swift or keystone (default: all)",
+    }
     commands.add_parser("start", help="start servers, print their env").add_argument(
         "names", **names
     )

@@ -195,6 +195,7 @@ class Server(ABC):
     name: str
     processes: tuple[str, ...]  # in start order; stopped in reverse order
     port_names: tuple[str, ...]
+    after: tuple[str, ...] = ()  # servers that must be ready before this one starts
     start_timeout: float = 60
     stop_timeout: float = 15
 

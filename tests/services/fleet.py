@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import STATE_DIR_VAR, Server, ServiceError, log, state_dir
+from .keystone import Keystone
 from .mongo import Mongo
 from .rabbitmq import RabbitMQ
 from .swift import Swift
 
-SERVER_CLASSES: dict[str, type[Server]] = {"rabbitmq": RabbitMQ, "mongo": Mongo, "swift": Swift}
+SERVER_CLASSES: dict[str, type[Server]] = {
+    "rabbitmq": RabbitMQ,
+    "mongo": Mongo,
+    "swift": Swift,
+    "keystone": Keystone,
+}
 
 # What a test needs to reach the servers; a test run may set them to point at other servers.
 CLIENT_VARS = (
@@ -28,6 +34,11 @@ CLIENT_VARS = (
     "MUSTER_TEST_S3_ACCESS_KEY",
     "MUSTER_TEST_S3_SECRET_KEY",
     "MUSTER_TEST_S3_REGION",
+    "MUSTER_TEST_KEYSTONE_AUTH_URL",
+    "MUSTER_TEST_KEYSTONE_USER",
+    "MUSTER_TEST_KEYSTONE_PASSWORD",
+    "MUSTER_TEST_KEYSTONE_PROJECT",
+    "MUSTER_TEST_KEYSTONE_REGION",
 )
 
 
@@ -67,6 +78,39 @@ class S3Credentials:
         )
 
 
+@dataclass(frozen=True)
+class KeystoneCredentials:
+    """A Keystone v3 user whose project's object-store endpoint is a Keystone-trusting proxy."""
+
+    auth_url: str
+    user: str
+    password: str
+    project: str
+    region: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KeystoneCredentials:
+        return cls(
+            env["MUSTER_TEST_KEYSTONE_AUTH_URL"],
+            env["MUSTER_TEST_KEYSTONE_USER"],
+            env["MUSTER_TEST_KEYSTONE_PASSWORD"],
+            env["MUSTER_TEST_KEYSTONE_PROJECT"],
+            env["MUSTER_TEST_KEYSTONE_REGION"],
+        )
+
+    def os_env(self) -> dict[str, str]:
+        """The OS_* variables an OpenStack user sources from an openrc file."""
+        return {
+            "OS_AUTH_URL": self.auth_url,
+            "OS_USERNAME": self.user,
+            "OS_PASSWORD": self.password,
+            "OS_PROJECT_NAME": self.project,
+            "OS_USER_DOMAIN_NAME": "Default",
+            "OS_PROJECT_DOMAIN_NAME": "Default",
+            "OS_REGION_NAME": self.region,
+        }
+
+
 def timed(action: Callable[[], object]) -> tuple[object, float]:
     """What action returned, and the seconds it took."""
     began = time.monotonic()
@@ -95,23 +139,45 @@ class Fleet:
     def start(self, names: Iterable[str] = ()) -> list[str]:
         """Start the servers that are not running, concurrently; returns the names started.
 
-        When one fails, the others started by this call are stopped again and a ServiceError
-        with the failing server's log tail is raised.
+        A server whose `after` servers are being started too waits for them (Keystone's proxy
+        needs Swift's ports); a named server brings those along. When one fails, the others
+        started by this call are stopped again and a ServiceError with the failing server's
+        log tail is raised.
         """
-        todo = [server for server in self.select(names) if not server.running()]
+        selected = self.select(names)
+        needed = [self.servers[name] for server in selected for name in server.after]
+        selected += [server for server in needed if server not in selected]
+        todo = [server for server in selected if not server.running()]
         self.root.mkdir(parents=True, exist_ok=True)
         for server in self.servers.values():
             if server.configured():
                 _ = server.ports  # loading them reserves them: no other server may pick them
-        with ThreadPoolExecutor(max_workers=len(todo) or 1) as pool:
-            futures = {server.name: pool.submit(timed, server.start) for server in todo}
+        waiting = {server.name for server in todo}
+        first = [server for server in todo if not waiting & set(server.after)]
+        started: list[str] = []
+        try:
+            for wave in (first, [server for server in todo if server not in first]):
+                started += self._start_together(wave)
+        except ServiceError:
+            if started:
+                self.stop(started)
+            raise
+        self.write_env()
+        return started
+
+    def _start_together(self, servers: list[Server]) -> list[str]:
+        """Start servers concurrently; on a failure stop the others and raise."""
+        if not servers:
+            return []
+        with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+            futures = {server.name: pool.submit(timed, server.start) for server in servers}
         errors = [name for name, future in futures.items() if future.exception() is not None]
         if errors:
-            self.stop([name for name in futures if name not in errors])
+            if started := [name for name in futures if name not in errors]:
+                self.stop(started)
             raise ServiceError("\n".join(str(futures[name].exception()) for name in errors))
         for name, future in futures.items():
             log(f"{name} ready in {future.result()[1]:.1f} s")
-        self.write_env()
         return list(futures)
 
     def stop(self, names: Iterable[str] = ()) -> None:

@@ -19,15 +19,21 @@ make_venv() {
     echo "install-venvs: building $venv ($requirement)" >&2
     rm -rf "$venv"
     "$PYTHON" -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check "$requirement" >&2
+    # shellcheck disable=SC2086 # a requirement may list several packages
+    "$venv/bin/pip" install -q --disable-pip-version-check $requirement >&2
     printf '%s' "$requirement" >"$marker"
 }
 
-declare -A REQUIREMENTS=([secantus]="SecantusDB==0.7.0b3" [swift]="swift==2.38.3")
+# Keystone serves its own API and runs a second Swift proxy with keystonemiddleware.
+declare -A REQUIREMENTS=(
+    [secantus]="SecantusDB==0.7.0b3"
+    [swift]="swift==2.38.3"
+    [keystone]="keystone==30.0.0 keystonemiddleware==13.0.1 swift==2.38.3"
+)
 
 # The venvs named as arguments (`make run` needs only secantus), else all, in parallel.
 names=("$@")
-((${#names[@]})) || names=(secantus swift)
+((${#names[@]})) || names=(secantus swift keystone)
 mkdir -p "$SERVICES_DIR"
 pids=()
 for name in "${names[@]}"; do
