@@ -3,7 +3,8 @@
 `run_backup` backs up a tree full of awkward things (an empty file, a 5 MiB file with a
 volume of its own, a symlink, a hard link, names with spaces, unicode, a newline and
 non-UTF-8 bytes, a path over 100 bytes, specific modes and times), then an incremental.
-Then, for a local directory, Swift (`swift` CLI) and S3 (`aws` CLI on Swift's s3api), the
+Then, for a local directory, Swift (`swift` CLI, with tempauth and with Keystone v3) and S3
+(`aws` CLI on Swift's s3api), the
 commands of docs/RESTORE-WITHOUT-MUSTER.md run in bash with the real binaries: list,
 fetch, decrypt the catalog, grep it, find the volume, extract one file, extract whole
 snapshots. The files must come back byte for byte, with their modes, times, link targets
@@ -52,7 +53,7 @@ from broker.plan import (
     SwiftTarget,
 )
 from broker.snapshot import SnapshotRecord
-from tests.services import S3Credentials, SwiftCredentials
+from tests.services import KeystoneCredentials, S3Credentials, SwiftCredentials
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +67,7 @@ PREFIX = "muster"
 
 # --- the guide's commands, character for character -------------------------------------
 
+SWIFT_LOGIN = '-A "$ST_AUTH" -U "$ST_USER" -K "$ST_KEY"'  # the guide: drop it for Keystone
 LIST = {
     "local": 'ls "$REPO/snapshots/"',
     "swift": 'swift -A "$ST_AUTH" -U "$ST_USER" -K "$ST_KEY" list "$CONTAINER" --prefix '
@@ -81,6 +83,9 @@ FETCH = {
     "s3": 'aws --endpoint-url "$ENDPOINT" s3 cp --no-progress "s3://$BUCKET/$JOB/$OBJ" '
     '"$REPO/$OBJ"',
 }
+# With Keystone the guide's Swift commands run without the tempauth login, on OS_* variables.
+for commands in (LIST, FETCH):
+    commands["keystone"] = commands["swift"].replace(f" {SWIFT_LOGIN}", "")
 
 
 def fetch_each(kind: str, names: str) -> str:
@@ -142,6 +147,7 @@ def guide_blocks() -> list[str]:
         EXTRACT_ALL,
         EXTRACT_DIRECTORY,
     ]
+    blocks.append(f"remove\n`{SWIFT_LOGIN}`** from the `swift` commands")
     for kind in ("local", "swift", "s3"):
         blocks.append(LIST[kind])
     for kind in ("swift", "s3"):
@@ -323,6 +329,13 @@ def open_site(kind: str, request: pytest.FixtureRequest, directory: Path, keys: 
         ref = CredentialRef(file=secret_file(directory, login))
         target = SwiftTarget(container=container, prefix=PREFIX, credentials=ref)
         variables = {**login, "CONTAINER": container, "JOB": job}
+    elif kind == "keystone":
+        keystone: KeystoneCredentials = request.getfixturevalue("keystone_credentials")
+        login = {**keystone.os_env(), "OS_IDENTITY_API_VERSION": "3"}
+        container = f"restore-{uuid.uuid4().hex[:12]}"
+        ref = CredentialRef(file=secret_file(directory, login))
+        target = SwiftTarget(container=container, prefix=PREFIX, credentials=ref)
+        variables = {**login, "CONTAINER": container, "JOB": job}
     else:
         s3: S3Credentials = request.getfixturevalue("s3_credentials")
         login = {
@@ -351,7 +364,7 @@ def sites() -> dict[str, Site]:
     return {}
 
 
-@pytest.fixture(scope="module", params=["local", "swift", "s3"])
+@pytest.fixture(scope="module", params=["local", "swift", "s3", "keystone"])
 def site(
     request: pytest.FixtureRequest,
     sites: dict[str, Site],
