@@ -20,10 +20,11 @@ verified again and run at once, broker or not. Results and alerts go through the
 (`agent.spool`), so a broker outage delays them and loses none.
 
 Memory: `muster agent run` does each run, and each use of cryptography (the identity, plan
-signatures), in a forked child process (`agent.daemon_run`). The daemon itself holds only
-kombu, the contract models and its settings, stays at the same size before and after runs,
-and never imports the backup engine, storage clients, zstd or cryptography
-(tests/unit/test_daemon.py checks the imports).
+signatures), in a forked child process (`agent.daemon_run`); so are plans validated and
+cron times computed (croniter). The daemon itself holds only kombu, the contract models and
+its settings, stays at the same size before and after runs, and never imports the backup
+engine, storage clients, zstd, cryptography or croniter (tests/unit/test_daemon.py checks
+the imports).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ from agent.daemon_run import (
 from agent.facts import FactSources, collect
 from agent.hooks import redact
 from agent.planstore import PlanRejected, PlanStore
-from agent.scheduler import STATE_FILE, Scheduler, Task
+from agent.scheduler import STATE_FILE, CronWindows, Scheduler, Task, cron_window
 from agent.spool import Spool
 from broker.agent_config import AgentSettings
 from broker.codec import decode
@@ -196,8 +198,11 @@ class Agent:
         self.spool = Spool(
             self.state_dir / SPOOL_DIR, settings.spool_max_files, settings.spool_max_bytes
         )
-        self.plans = PlanStore(self.state_dir, self._verify)
-        self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE)
+        # Validating a plan (a cron schedule loads croniter) and computing cron times happen
+        # where the cryptography does: in a child, with `isolated_runs`.
+        self.plans = PlanStore(self.state_dir, self._verify, self._validate_plan)
+        cron = CronWindows(partial(self._call, cron_window))
+        self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE, cron)
         context = RunContext(
             node=self.node,
             state_dir=self.state_dir,
@@ -294,6 +299,9 @@ class Agent:
     def _verify(self, signed: SignedPlan) -> None:
         self._call(verify_signed, signed, self.settings.trusted_keys, self.node)
 
+    def _validate_plan(self, data: Any) -> SignedPlan:
+        return self._call(SignedPlan.model_validate, data)
+
     @property
     def plan_hash(self) -> str | None:
         plan = self.plans.plan
@@ -324,7 +332,7 @@ class Agent:
         """Handle one delivery of the plan queue; returns what happened, for the log. Invalid
         and refused plans raise a plan_rejected alert; the plan held stays in force."""
         try:
-            message = decode(body)
+            message = self._call(decode, body)
         except InvalidMessage as error:
             self._reject(f"not a valid plan message: {error}", {})
             return "invalid"

@@ -1150,19 +1150,23 @@ settings = AgentSettings(
 agent = Agent(settings, isolated_runs=True)
 answers = [agent.receive_plan((tmp / name).read_bytes()) for name in sys.argv[2:]]
 again = Agent(settings, isolated_runs=True)
-loaded = ("cryptography", "agent.age", "broker.signing")
+wakeups = [again.scheduler.next_wakeup() for _ in range(3)]
+loaded = ("cryptography", "agent.age", "broker.signing", "croniter", "dateutil")
 print(json.dumps({
     "recipient": agent.recipient,
     "answers": answers,
     "rejection": agent.last_rejection,
     "stored": again.plan_hash,
+    "wakeups": [wakeup.isoformat() for wakeup in wakeups],
     "loaded": sorted(m for m in sys.modules if m.startswith(loaded)),
 }))
 """
 
 
 def test_an_isolated_agent_verifies_plans_without_loading_cryptography(tmp_path, signing, source):
-    plan = backup_plan(tmp_path, source)
+    """Nor croniter: the plan's cron schedule is validated, and its times computed, in
+    child processes too."""
+    plan = backup_plan(tmp_path, source, schedule={"cron": "*/5 * * * *"})
     (tmp_path / "good.json").write_bytes(encode(sign_plan(plan, signing)))
     forged = json.loads(encode(sign_plan(plan, signing)))
     forged["plan"]["jobs"][0]["sources"]["paths"] = ["/"]
@@ -1178,6 +1182,10 @@ def test_an_isolated_agent_verifies_plans_without_loading_cryptography(tmp_path,
     assert "altered or forged" in found["rejection"]
     assert found["stored"] == plan.content_hash()  # the stored plan verified on restart
     assert found["recipient"] == str(ensure_identity(tmp_path / "state").recipient)
+    wakeup = datetime.fromisoformat(found["wakeups"][0])
+    assert found["wakeups"] == [wakeup.isoformat()] * 3
+    assert (wakeup.minute % 5, wakeup.second) == (0, 0)
+    assert timedelta(0) < wakeup - datetime.now(UTC) <= timedelta(minutes=5)
     assert found["loaded"] == []
 
 
