@@ -20,11 +20,11 @@ verified again and run at once, broker or not. Results and alerts go through the
 (`agent.spool`), so a broker outage delays them and loses none.
 
 Memory: `muster agent run` does each run, and each use of cryptography (the identity, plan
-signatures), in a forked child process (`agent.daemon_run`); so are plans validated and
-cron times computed (croniter). The daemon itself holds only kombu, the contract models and
-its settings, stays at the same size before and after runs, and never imports the backup
-engine, storage clients, zstd, cryptography or croniter (tests/unit/test_daemon.py checks
-the imports).
+signatures), in a forked child process (`agent.daemon_run`); so are plans validated, cron
+times computed (croniter) and the node's facts collected. The daemon itself holds only
+kombu, the contract models and its settings, stays at the same size before and after runs,
+and never imports the backup engine, storage clients, zstd, cryptography, croniter or the
+fact collectors (tests/unit/test_daemon.py checks the imports).
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ from agent.daemon_run import (
     call_here,
     call_in_child,
 )
-from agent.facts import FactSources, collect
 from agent.hooks import redact
 from agent.planstore import PlanRejected, PlanStore
 from agent.scheduler import STATE_FILE, CronWindows, Scheduler, Task, cron_window
@@ -114,6 +113,22 @@ def ensure_identity(state_dir: Path) -> Any:
 def node_recipient(state_dir: Path) -> str:
     """The recipient the announce carries (the identity generated first if need be)."""
     return str(ensure_identity(state_dir).recipient)
+
+
+def node_facts(settings: AgentSettings) -> Facts:
+    """The node's facts (agent.facts). The daemon collects them in a child: it then holds
+    neither ipaddress nor, on a cloud node, the HTTP client that asks the metadata service."""
+    from agent.facts import FactSources, collect
+
+    return collect(
+        FactSources(
+            labels=settings.labels,
+            cloud_init_path=settings.cloud_init_path,
+            config_drive_path=settings.config_drive_path,
+            metadata_url=settings.metadata_url,
+            metadata_timeout=settings.metadata_timeout,
+        )
+    )
 
 
 def check_trusted_keys(paths: list[Path]) -> None:
@@ -283,16 +298,7 @@ class Agent:
     def facts(self, refresh: bool = False) -> Facts:
         now = time.monotonic()
         if refresh or self._facts is None or now - self._facts_time >= self.settings.facts_interval:
-            settings = self.settings
-            self._facts = collect(
-                FactSources(
-                    labels=settings.labels,
-                    cloud_init_path=settings.cloud_init_path,
-                    config_drive_path=settings.config_drive_path,
-                    metadata_url=settings.metadata_url,
-                    metadata_timeout=settings.metadata_timeout,
-                )
-            )
+            self._facts = self._call(node_facts, self.settings)
             self._facts_time = now
         return self._facts
 

@@ -1116,6 +1116,7 @@ def test_the_daemon_loads_no_engine_storage_client_compression_or_cryptography()
         "agent.volumes",
         "agent.walk",
         "agent.age",
+        "agent.facts",
         "boto3",
         "botocore",
         "broker.signing",
@@ -1151,7 +1152,8 @@ agent = Agent(settings, isolated_runs=True)
 answers = [agent.receive_plan((tmp / name).read_bytes()) for name in sys.argv[2:]]
 again = Agent(settings, isolated_runs=True)
 wakeups = [again.scheduler.next_wakeup() for _ in range(3)]
-loaded = ("cryptography", "agent.age", "broker.signing", "croniter", "dateutil")
+assert again.keepalive().facts.hostname
+loaded = ("cryptography", "agent.age", "broker.signing", "croniter", "dateutil", "agent.facts")
 print(json.dumps({
     "recipient": agent.recipient,
     "answers": answers,
