@@ -49,6 +49,7 @@ from kombu.message import Message as Delivery
 
 from agent.daemon_run import (
     SCRATCH_DIR,
+    ChildFailed,
     ChildRunner,
     RunContext,
     Runner,
@@ -85,6 +86,7 @@ LOCK_FILE = "agent.lock"
 KILL_WAIT = 5.0  # seconds for the worker to report a run whose process was killed
 DRAIN_TIMEOUT = 0.5  # seconds the broker thread waits for a delivery before other chores
 PUBLISH_RETRY: dict[str, Any] = {"max_retries": 0}  # a failed publish means: reconnect
+SCHEDULE_RETRY = 60.0  # seconds before the worker asks again for schedule times it could not get
 
 
 # -- identity ------------------------------------------------------------------------------
@@ -392,9 +394,17 @@ class Agent:
     def _work(self) -> None:
         try:
             while not self.stopping.is_set():
-                due = self.scheduler.due()
+                try:
+                    due = self.scheduler.due()
+                    wakeup = None if due else self.scheduler.next_wakeup()
+                except (OSError, ChildFailed) as error:
+                    # Cron times come from a child process: a fork refused under memory
+                    # pressure delays the schedule; it does not stop the agent.
+                    log.error("could not compute the schedule (%s); trying again", error)
+                    self._wake.wait(SCHEDULE_RETRY)
+                    continue
                 if not due:
-                    self._sleep_until(self.scheduler.next_wakeup())
+                    self._sleep_until(wakeup)
                     continue
                 self._execute(due[0])
         except Exception:

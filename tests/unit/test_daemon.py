@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import age, daemon_main, daemon_run
+from agent import age, daemon, daemon_main, daemon_run
 from agent.context import default_node, load_plan
 from agent.daemon import Agent, Backoff, ensure_identity
 from agent.daemon_run import describe_error
@@ -37,7 +38,7 @@ from agent.facts import (
 )
 from agent.hooks import OUTPUT_LIMIT, redact, run_hook, run_hooks
 from agent.planstore import PlanRejected, PlanStore
-from agent.scheduler import Task
+from agent.scheduler import Task, cron_window
 from agent.spool import Spool
 from agent.state import default_state_dir
 from broker.agent_config import DEFAULT_METADATA_URL, AgentSettings, default_node_id
@@ -1189,6 +1190,35 @@ def test_an_isolated_agent_verifies_plans_without_loading_cryptography(tmp_path,
     assert (wakeup.minute % 5, wakeup.second) == (0, 0)
     assert timedelta(0) < wakeup - datetime.now(UTC) <= timedelta(minutes=5)
     assert found["loaded"] == []
+
+
+def test_schedule_times_it_cannot_get_delay_the_schedule_without_stopping_the_agent(
+    tmp_path, signing, source, monkeypatch
+):
+    """The daemon computes cron times in a child: a fork refused (memory pressure) is
+    retried; the worker thread carries on."""
+    monkeypatch.setattr(daemon, "SCHEDULE_RETRY", 0.05)
+    agent = make_agent(tmp_path, signing)
+    plan = backup_plan(tmp_path, source, schedule={"cron": "* * * * *"})
+    assert agent.receive_plan(encode(sign_plan(plan, signing))) == "accepted"
+    asked: list[datetime] = []
+
+    def compute(expression: str, at: datetime) -> tuple[datetime, datetime]:
+        asked.append(at)
+        if len(asked) == 1:
+            raise OSError(errno.EAGAIN, "fork refused")
+        return cron_window(expression, at)
+
+    agent.scheduler.cron.compute = compute
+    worker = threading.Thread(target=agent._work)
+    worker.start()
+    try:
+        wait_until(lambda: len(asked) >= 2, timeout=10)
+        assert not agent.stopping.is_set()
+    finally:
+        agent.stop()
+        worker.join(10)
+    assert not worker.is_alive()
 
 
 def test_an_isolated_agent_refuses_to_start_with_a_bad_trusted_key(tmp_path, signing):
