@@ -1257,7 +1257,7 @@ def test_agent_run_hands_resolved_settings_to_the_daemon_process(tmp_path: Path)
     assert (tmp_path / "st" / "identity.txt").is_file()
 
 
-def test_the_daemon_starts_with_two_malloc_arenas_and_gives_hooks_the_callers_environment(
+def test_the_daemon_starts_with_one_malloc_arena_and_gives_hooks_the_callers_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """glibc reads GLIBC_TUNABLES at exec; the daemon then restores the variable as the
@@ -1271,7 +1271,7 @@ def test_the_daemon_starts_with_two_malloc_arenas_and_gives_hooks_the_callers_en
     try:
         wait_until(lambda: "started: broker" in log.read_text(), timeout=60)
         started = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
-        assert b"GLIBC_TUNABLES=glibc.malloc.arena_max=2" in started
+        assert b"GLIBC_TUNABLES=glibc.malloc.arena_max=1" in started
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
