@@ -300,7 +300,13 @@ class Agent:
     def facts(self, refresh: bool = False) -> Facts:
         now = time.monotonic()
         if refresh or self._facts is None or now - self._facts_time >= self.settings.facts_interval:
-            self._facts = self._call(node_facts, self.settings)
+            try:
+                self._facts = self._call(node_facts, self.settings)
+            except (OSError, ChildFailed) as error:
+                if self._facts is None:
+                    raise
+                # a fork refused under memory pressure: the facts held are a few minutes old
+                log.warning("could not collect the node's facts (%s); keeping the last", error)
             self._facts_time = now
         return self._facts
 

@@ -783,6 +783,23 @@ def test_announce_and_keepalive_carry_facts_and_only_the_public_key(tmp_path, si
     assert secret not in encode(announce).decode() and secret not in encode(keepalive).decode()
 
 
+def test_facts_it_cannot_collect_again_leave_the_last_ones(tmp_path, signing, monkeypatch):
+    """The daemon collects facts in a child: a fork refused keeps the facts held (the
+    keepalive still goes); with none held yet, the error is the announce's."""
+    agent = make_agent(tmp_path, signing, labels={"tier": "web"})
+    held = agent.facts()
+
+    def refused(settings: AgentSettings) -> None:
+        raise OSError(errno.EAGAIN, "fork refused")
+
+    monkeypatch.setattr(daemon, "node_facts", refused)
+    assert agent.facts(refresh=True) == held
+    assert agent.keepalive().facts == held
+    other = make_agent(tmp_path, signing, state_dir=tmp_path / "other")
+    with pytest.raises(OSError):
+        other.facts()
+
+
 def test_received_plans_are_verified_stored_and_followed(tmp_path, signing, source):
     agent = make_agent(tmp_path, signing)
     plan = backup_plan(tmp_path, source)
