@@ -32,12 +32,12 @@ SETTINGS_FD_OPTION = "--settings-fd"
 TUNABLES = "GLIBC_TUNABLES"
 # glibc gives each thread that allocates its own malloc arena; the daemon's broker and
 # worker threads then hold partly used arenas for good, and memory one arena frees the
-# others cannot reuse. One arena for all: 0.3-0.4 MiB less after the first run than with
-# two (bench.footprint; two were 0.5 MiB less idle than glibc's default), and a run's
-# process, forked with the same setting, peaked about 3 MiB lower. A backup's CPU time did
-# not change (bench/dataset.py at scale 0.3, four backups each way: median 2.45 s against
-# 2.43 s, within their spread): the daemon's threads mostly sleep, and a backup's spend their
-# time in zstd and hashing, not in malloc.
+# others cannot reuse. One arena for all: 0.2-0.3 MiB less after the first run than with
+# two (bench.footprint; two were 0.5 MiB less idle than glibc's default). A run's process is
+# forked with the same setting; its peak stayed within the spread of runs (75-80 MiB for
+# 10,000 small files), and so did a backup's CPU time (bench/dataset.py at scale 0.3, four
+# backups each way: median 2.45 s against 2.43 s): the daemon's threads mostly sleep, and a
+# backup's spend their time in zstd and hashing, not in malloc.
 # Read by glibc when the process starts, hence set for the exec.
 ARENA_MAX = "glibc.malloc.arena_max=1"
 
