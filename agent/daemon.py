@@ -20,10 +20,11 @@ verified again and run at once, broker or not. Results and alerts go through the
 (`agent.spool`), so a broker outage delays them and loses none.
 
 Memory: `muster agent run` does each run, and each use of cryptography (the identity, plan
-signatures), in a forked child process (`agent.daemon_run`). The daemon itself holds only
+signatures), in a forked child process (`agent.daemon_run`); so are plans validated, cron
+times computed (croniter) and the node's facts collected. The daemon itself holds only
 kombu, the contract models and its settings, stays at the same size before and after runs,
-and never imports the backup engine, storage clients, zstd or cryptography
-(tests/unit/test_daemon.py checks the imports).
+and never imports the backup engine, storage clients, zstd, cryptography, croniter or the
+fact collectors (tests/unit/test_daemon.py checks the imports).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +49,16 @@ from kombu.message import Message as Delivery
 
 from agent.daemon_run import (
     SCRATCH_DIR,
+    ChildFailed,
     ChildRunner,
     RunContext,
     Runner,
     call_here,
     call_in_child,
 )
-from agent.facts import FactSources, collect
 from agent.hooks import redact
 from agent.planstore import PlanRejected, PlanStore
-from agent.scheduler import STATE_FILE, Scheduler, Task
+from agent.scheduler import STATE_FILE, CronWindows, Scheduler, Task, cron_window
 from agent.spool import Spool
 from broker.agent_config import AgentSettings
 from broker.codec import decode
@@ -84,6 +86,7 @@ LOCK_FILE = "agent.lock"
 KILL_WAIT = 5.0  # seconds for the worker to report a run whose process was killed
 DRAIN_TIMEOUT = 0.5  # seconds the broker thread waits for a delivery before other chores
 PUBLISH_RETRY: dict[str, Any] = {"max_retries": 0}  # a failed publish means: reconnect
+SCHEDULE_RETRY = 60.0  # seconds before the worker asks again for schedule times it could not get
 
 
 # -- identity ------------------------------------------------------------------------------
@@ -112,6 +115,22 @@ def ensure_identity(state_dir: Path) -> Any:
 def node_recipient(state_dir: Path) -> str:
     """The recipient the announce carries (the identity generated first if need be)."""
     return str(ensure_identity(state_dir).recipient)
+
+
+def node_facts(settings: AgentSettings) -> Facts:
+    """The node's facts (agent.facts). The daemon collects them in a child: it then holds
+    neither ipaddress nor, on a cloud node, the HTTP client that asks the metadata service."""
+    from agent.facts import FactSources, collect
+
+    return collect(
+        FactSources(
+            labels=settings.labels,
+            cloud_init_path=settings.cloud_init_path,
+            config_drive_path=settings.config_drive_path,
+            metadata_url=settings.metadata_url,
+            metadata_timeout=settings.metadata_timeout,
+        )
+    )
 
 
 def check_trusted_keys(paths: list[Path]) -> None:
@@ -196,8 +215,11 @@ class Agent:
         self.spool = Spool(
             self.state_dir / SPOOL_DIR, settings.spool_max_files, settings.spool_max_bytes
         )
-        self.plans = PlanStore(self.state_dir, self._verify)
-        self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE)
+        # Validating a plan (a cron schedule loads croniter) and computing cron times happen
+        # where the cryptography does: in a child, with `isolated_runs`.
+        self.plans = PlanStore(self.state_dir, self._verify, self._validate_plan)
+        cron = CronWindows(partial(self._call, cron_window))
+        self.scheduler = Scheduler(self.node, self.clock, self.state_dir / STATE_FILE, cron)
         context = RunContext(
             node=self.node,
             state_dir=self.state_dir,
@@ -278,21 +300,21 @@ class Agent:
     def facts(self, refresh: bool = False) -> Facts:
         now = time.monotonic()
         if refresh or self._facts is None or now - self._facts_time >= self.settings.facts_interval:
-            settings = self.settings
-            self._facts = collect(
-                FactSources(
-                    labels=settings.labels,
-                    cloud_init_path=settings.cloud_init_path,
-                    config_drive_path=settings.config_drive_path,
-                    metadata_url=settings.metadata_url,
-                    metadata_timeout=settings.metadata_timeout,
-                )
-            )
+            try:
+                self._facts = self._call(node_facts, self.settings)
+            except (OSError, ChildFailed) as error:
+                if self._facts is None:
+                    raise
+                # a fork refused under memory pressure: the facts held are a few minutes old
+                log.warning("could not collect the node's facts (%s); keeping the last", error)
             self._facts_time = now
         return self._facts
 
     def _verify(self, signed: SignedPlan) -> None:
         self._call(verify_signed, signed, self.settings.trusted_keys, self.node)
+
+    def _validate_plan(self, data: Any) -> SignedPlan:
+        return self._call(SignedPlan.model_validate, data)
 
     @property
     def plan_hash(self) -> str | None:
@@ -324,7 +346,7 @@ class Agent:
         """Handle one delivery of the plan queue; returns what happened, for the log. Invalid
         and refused plans raise a plan_rejected alert; the plan held stays in force."""
         try:
-            message = decode(body)
+            message = self._call(decode, body)
         except InvalidMessage as error:
             self._reject(f"not a valid plan message: {error}", {})
             return "invalid"
@@ -378,9 +400,17 @@ class Agent:
     def _work(self) -> None:
         try:
             while not self.stopping.is_set():
-                due = self.scheduler.due()
+                try:
+                    due = self.scheduler.due()
+                    wakeup = None if due else self.scheduler.next_wakeup()
+                except (OSError, ChildFailed) as error:
+                    # Cron times come from a child process: a fork refused under memory
+                    # pressure delays the schedule; it does not stop the agent.
+                    log.error("could not compute the schedule (%s); trying again", error)
+                    self._wake.wait(SCHEDULE_RETRY)
+                    continue
                 if not due:
-                    self._sleep_until(self.scheduler.next_wakeup())
+                    self._sleep_until(wakeup)
                     continue
                 self._execute(due[0])
         except Exception:

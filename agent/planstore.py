@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from broker.errors import ContractError, SignatureError
 from broker.messages import SignedPlan
@@ -34,11 +35,19 @@ class PlanRejected(ContractError):
 class PlanStore:
     """`verify` raises SignatureError unless a plan is signed by a trusted key and meant for
     this node (broker.signing.verify_plan, which the daemon calls in a child process so
-    that it never loads cryptography itself)."""
+    that it never loads cryptography itself). `validate` turns the stored JSON into the
+    message; the daemon does that in a child process too, for the same reason: validating a
+    cron schedule loads croniter."""
 
-    def __init__(self, state_dir: Path, verify: Callable[[SignedPlan], object]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        verify: Callable[[SignedPlan], object],
+        validate: Callable[[Any], SignedPlan] = SignedPlan.model_validate,
+    ) -> None:
         self.path = state_dir / PLAN_FILE
         self.verify = verify
+        self.validate = validate
         self.current: SignedPlan | None = None
 
     @property
@@ -56,7 +65,7 @@ class PlanStore:
         except (OSError, ValueError) as error:
             raise PlanRejected(f"stored plan {self.path} is unreadable: {error}") from None
         try:
-            signed = SignedPlan.model_validate(data)
+            signed = self.validate(data)
             self.verify(signed)
         except (ContractError, ValueError) as error:
             raise PlanRejected(f"stored plan {self.path} no longer verifies: {error}") from None

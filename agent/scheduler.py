@@ -33,10 +33,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from broker.plan import Job, Plan, Retention
 
@@ -68,6 +68,40 @@ class Task:
         return f"{self.job}:{self.kind}"
 
 
+def cron_window(expression: str, at: datetime) -> tuple[datetime, datetime]:
+    """The latest time of a cron expression at or before `at`, and the first one after it.
+    croniter (with its dateutil, 0.8 MiB) is imported here, on first use: an agent whose
+    jobs all run `every:` N seconds never loads it, and the daemon calls this in a child
+    process (see CronWindows)."""
+    from croniter import croniter
+
+    latest = croniter(expression, at + _TICK).get_prev(datetime)
+    return latest, croniter(expression, at).get_next(datetime)
+
+
+class CronWindows:
+    """Cron times, computed by `compute` only when the time asked about leaves the window
+    known for that expression: between a cron time and the next, both answers stay the
+    same. The daemon passes a `compute` that runs in a forked child, so it never holds
+    croniter itself; it forks once per cron time reached, not on every wake-up."""
+
+    def __init__(
+        self, compute: Callable[[str, datetime], tuple[datetime, datetime]] = cron_window
+    ) -> None:
+        self.compute = compute
+        self._known: dict[tuple[str, timedelta | None], tuple[datetime, datetime]] = {}
+
+    def window(self, expression: str, at: datetime) -> tuple[datetime, datetime]:
+        key = (expression, at.utcoffset())  # cron times are wall-clock times
+        known = self._known.get(key)
+        if known is None or not known[0] <= at < known[1]:
+            known = self._known[key] = self.compute(expression, at)
+        return known
+
+
+_IN_PROCESS = CronWindows()
+
+
 @dataclass(frozen=True)
 class Slots:
     """The slots of one task: a cron expression or a period, plus an offset in seconds."""
@@ -75,6 +109,7 @@ class Slots:
     cron: str | None
     every: int | None
     offset: int
+    windows: CronWindows = field(default=_IN_PROCESS, compare=False, repr=False)
 
     @property
     def signature(self) -> str:
@@ -86,8 +121,7 @@ class Slots:
         """The latest slot at or before `now`."""
         shift = timedelta(seconds=self.offset)
         if self.cron is not None:
-            previous = _cron(self.cron, now - shift + _TICK).get_prev(datetime)
-            return previous + shift
+            return self.windows.window(self.cron, now - shift)[0] + shift
         assert self.every is not None
         seconds = (now - _EPOCH) // timedelta(seconds=1)
         slot = (seconds - self.offset) // self.every * self.every + self.offset
@@ -97,16 +131,17 @@ class Slots:
         """The first slot strictly after `now`."""
         shift = timedelta(seconds=self.offset)
         if self.cron is not None:
-            return _cron(self.cron, now - shift).get_next(datetime) + shift
+            return self.windows.window(self.cron, now - shift)[1] + shift
         assert self.every is not None
         return self.latest(now) + timedelta(seconds=self.every)
 
 
-def backup_slots(node: str, job: Job) -> Slots | None:
+def backup_slots(node: str, job: Job, windows: CronWindows = _IN_PROCESS) -> Slots | None:
     schedule = job.schedule
     if schedule is None:  # on demand only
         return None
-    return Slots(schedule.cron, schedule.every, splay_offset(node, job.name, schedule.splay))
+    offset = splay_offset(node, job.name, schedule.splay)
+    return Slots(schedule.cron, schedule.every, offset, windows)
 
 
 def restore_test_slots(node: str, job: Job) -> Slots | None:
@@ -168,10 +203,12 @@ class Scheduler:
         node: str,
         clock: Callable[[], datetime],
         state_path: Path | None = None,
+        cron: CronWindows = _IN_PROCESS,
     ) -> None:
         self.node = node
         self.clock = clock
         self.state_path = state_path
+        self.cron = cron
         self._lock = threading.RLock()
         self._plan: Plan | None = None
         self._slots: dict[str, tuple[Task, Slots]] = {}  # key -> (template task, slots)
@@ -187,7 +224,7 @@ class Scheduler:
             self._slots = {}
             for job in plan.jobs if plan else []:
                 for kind, slots in (
-                    ("backup", backup_slots(self.node, job)),
+                    ("backup", backup_slots(self.node, job, self.cron)),
                     ("verify", restore_test_slots(self.node, job)),
                 ):
                     if slots is not None:
@@ -327,11 +364,3 @@ class Scheduler:
             out.flush()
             os.fsync(out.fileno())
         temp.replace(self.state_path)
-
-
-def _cron(expression: str, start: datetime) -> Any:
-    """croniter, imported on first use: with its dateutil it is 0.8 MiB that an agent
-    whose jobs all run `every:` N seconds never needs to hold."""
-    from croniter import croniter
-
-    return croniter(expression, start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import age, daemon_main, daemon_run
+from agent import age, daemon, daemon_main, daemon_run
 from agent.context import default_node, load_plan
 from agent.daemon import Agent, Backoff, ensure_identity
 from agent.daemon_run import describe_error
@@ -37,7 +38,7 @@ from agent.facts import (
 )
 from agent.hooks import OUTPUT_LIMIT, redact, run_hook, run_hooks
 from agent.planstore import PlanRejected, PlanStore
-from agent.scheduler import Task
+from agent.scheduler import Task, cron_window
 from agent.spool import Spool
 from agent.state import default_state_dir
 from broker.agent_config import DEFAULT_METADATA_URL, AgentSettings, default_node_id
@@ -782,6 +783,23 @@ def test_announce_and_keepalive_carry_facts_and_only_the_public_key(tmp_path, si
     assert secret not in encode(announce).decode() and secret not in encode(keepalive).decode()
 
 
+def test_facts_it_cannot_collect_again_leave_the_last_ones(tmp_path, signing, monkeypatch):
+    """The daemon collects facts in a child: a fork refused keeps the facts held (the
+    keepalive still goes); with none held yet, the error is the announce's."""
+    agent = make_agent(tmp_path, signing, labels={"tier": "web"})
+    held = agent.facts()
+
+    def refused(settings: AgentSettings) -> None:
+        raise OSError(errno.EAGAIN, "fork refused")
+
+    monkeypatch.setattr(daemon, "node_facts", refused)
+    assert agent.facts(refresh=True) == held
+    assert agent.keepalive().facts == held
+    other = make_agent(tmp_path, signing, state_dir=tmp_path / "other")
+    with pytest.raises(OSError):
+        other.facts()
+
+
 def test_received_plans_are_verified_stored_and_followed(tmp_path, signing, source):
     agent = make_agent(tmp_path, signing)
     plan = backup_plan(tmp_path, source)
@@ -1116,6 +1134,7 @@ def test_the_daemon_loads_no_engine_storage_client_compression_or_cryptography()
         "agent.volumes",
         "agent.walk",
         "agent.age",
+        "agent.facts",
         "boto3",
         "botocore",
         "broker.signing",
@@ -1150,19 +1169,24 @@ settings = AgentSettings(
 agent = Agent(settings, isolated_runs=True)
 answers = [agent.receive_plan((tmp / name).read_bytes()) for name in sys.argv[2:]]
 again = Agent(settings, isolated_runs=True)
-loaded = ("cryptography", "agent.age", "broker.signing")
+wakeups = [again.scheduler.next_wakeup() for _ in range(3)]
+assert again.keepalive().facts.hostname
+loaded = ("cryptography", "agent.age", "broker.signing", "croniter", "dateutil", "agent.facts")
 print(json.dumps({
     "recipient": agent.recipient,
     "answers": answers,
     "rejection": agent.last_rejection,
     "stored": again.plan_hash,
+    "wakeups": [wakeup.isoformat() for wakeup in wakeups],
     "loaded": sorted(m for m in sys.modules if m.startswith(loaded)),
 }))
 """
 
 
 def test_an_isolated_agent_verifies_plans_without_loading_cryptography(tmp_path, signing, source):
-    plan = backup_plan(tmp_path, source)
+    """Nor croniter: the plan's cron schedule is validated, and its times computed, in
+    child processes too."""
+    plan = backup_plan(tmp_path, source, schedule={"cron": "*/5 * * * *"})
     (tmp_path / "good.json").write_bytes(encode(sign_plan(plan, signing)))
     forged = json.loads(encode(sign_plan(plan, signing)))
     forged["plan"]["jobs"][0]["sources"]["paths"] = ["/"]
@@ -1178,7 +1202,40 @@ def test_an_isolated_agent_verifies_plans_without_loading_cryptography(tmp_path,
     assert "altered or forged" in found["rejection"]
     assert found["stored"] == plan.content_hash()  # the stored plan verified on restart
     assert found["recipient"] == str(ensure_identity(tmp_path / "state").recipient)
+    wakeup = datetime.fromisoformat(found["wakeups"][0])
+    assert found["wakeups"] == [wakeup.isoformat()] * 3
+    assert (wakeup.minute % 5, wakeup.second) == (0, 0)
+    assert timedelta(0) < wakeup - datetime.now(UTC) <= timedelta(minutes=5)
     assert found["loaded"] == []
+
+
+def test_schedule_times_it_cannot_get_delay_the_schedule_without_stopping_the_agent(
+    tmp_path, signing, source, monkeypatch
+):
+    """The daemon computes cron times in a child: a fork refused (memory pressure) is
+    retried; the worker thread carries on."""
+    monkeypatch.setattr(daemon, "SCHEDULE_RETRY", 0.05)
+    agent = make_agent(tmp_path, signing)
+    plan = backup_plan(tmp_path, source, schedule={"cron": "* * * * *"})
+    assert agent.receive_plan(encode(sign_plan(plan, signing))) == "accepted"
+    asked: list[datetime] = []
+
+    def compute(expression: str, at: datetime) -> tuple[datetime, datetime]:
+        asked.append(at)
+        if len(asked) == 1:
+            raise OSError(errno.EAGAIN, "fork refused")
+        return cron_window(expression, at)
+
+    agent.scheduler.cron.compute = compute
+    worker = threading.Thread(target=agent._work)
+    worker.start()
+    try:
+        wait_until(lambda: len(asked) >= 2, timeout=10)
+        assert not agent.stopping.is_set()
+    finally:
+        agent.stop()
+        worker.join(10)
+    assert not worker.is_alive()
 
 
 def test_an_isolated_agent_refuses_to_start_with_a_bad_trusted_key(tmp_path, signing):
@@ -1217,7 +1274,7 @@ def test_agent_run_hands_resolved_settings_to_the_daemon_process(tmp_path: Path)
     assert (tmp_path / "st" / "identity.txt").is_file()
 
 
-def test_the_daemon_starts_with_two_malloc_arenas_and_gives_hooks_the_callers_environment(
+def test_the_daemon_starts_with_one_malloc_arena_and_gives_hooks_the_callers_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """glibc reads GLIBC_TUNABLES at exec; the daemon then restores the variable as the
@@ -1231,7 +1288,7 @@ def test_the_daemon_starts_with_two_malloc_arenas_and_gives_hooks_the_callers_en
     try:
         wait_until(lambda: "started: broker" in log.read_text(), timeout=60)
         started = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
-        assert b"GLIBC_TUNABLES=glibc.malloc.arena_max=2" in started
+        assert b"GLIBC_TUNABLES=glibc.malloc.arena_max=1" in started
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0

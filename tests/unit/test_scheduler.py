@@ -8,7 +8,15 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.scheduler import STATE_FILE, Scheduler, Slots, Task, splay_offset
+from agent.scheduler import (
+    STATE_FILE,
+    CronWindows,
+    Scheduler,
+    Slots,
+    Task,
+    cron_window,
+    splay_offset,
+)
 from broker.plan import Plan
 
 T0 = datetime(2026, 3, 2, 0, 0, 0, tzinfo=UTC)  # a Monday
@@ -323,3 +331,30 @@ def test_slots_latest_and_next():
     assert cron.latest(T0 + timedelta(minutes=5, seconds=29)) == T0 + timedelta(seconds=30)
     assert cron.next(T0 + timedelta(seconds=30)) == T0 + timedelta(minutes=5, seconds=30)
     assert Slots("*/5 * * * *", None, 30).signature != Slots("*/5 * * * *", None, 31).signature
+
+
+def test_cron_times_are_computed_again_only_when_a_cron_time_is_reached():
+    """The daemon computes cron times in a child process: once per cron time reached, not
+    on every wake-up, and the answers are croniter's."""
+    asked: list[datetime] = []
+
+    def compute(expression: str, at: datetime) -> tuple[datetime, datetime]:
+        asked.append(at)
+        return cron_window(expression, at)
+
+    clock = Clock(T0 + timedelta(minutes=1))
+    found = Scheduler("web1", clock, cron=CronWindows(compute))
+    found.set_plan(plan(job(schedule={"cron": "0 */6 * * *"})))
+    for _ in range(50):
+        assert found.next_wakeup() == T0 + timedelta(hours=6)
+        clock.advance(minutes=7)
+    assert len(asked) == 1
+    clock.set(T0 + timedelta(hours=6))
+    assert [task.slot for task in found.due()] == [T0 + timedelta(hours=6)]
+    assert found.next_wakeup() == T0 + timedelta(hours=6)  # due now
+    assert len(asked) == 2
+    clock.set(T0 + timedelta(hours=5))  # a clock set back leaves the window too
+    assert found.next_wakeup() == T0 + timedelta(hours=6)
+    assert len(asked) == 3
+    local = T0.astimezone(ZoneInfo("Europe/Amsterdam"))
+    assert CronWindows(compute).window("0 2 * * *", local) == cron_window("0 2 * * *", local)
