@@ -186,8 +186,8 @@ class IndexWriter:
     def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:
         self.copy(_record(key, fingerprint, line, volume))
 
-    def copy(self, record: bytes) -> None:
-        """Append a record as `Indexed.record` holds it."""
+    def copy(self, record: bytes | bytearray) -> None:
+        """Append a record as `Indexed.record` holds it (or several, back to back)."""
         buffer = self._buffer
         buffer += record
         if len(buffer) >= 1 << 18:  # one compressor call per 256 KiB
