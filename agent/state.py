@@ -175,12 +175,19 @@ def background_compressor(level: int) -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(compression_params=params)
 
 
+# zstd's fast level -3 for the index: it is rewritten whole and read back whole on every
+# run, and only ever by this node. Measured on the bench index (27 MB of records): about
+# 40% less CPU to compress and a third less to decompress than level 1, for a file 40%
+# larger (6.6 MB instead of 4.7) that never leaves the node.
+INDEX_LEVEL = -3
+
+
 class IndexWriter:
-    """Writes index records, zstd-compressed at level 1: it is rewritten every run."""
+    """Writes index records, zstd-compressed at `INDEX_LEVEL`."""
 
     def __init__(self, sink: BinaryIO) -> None:
         self._sink = sink
-        self._zstd = background_compressor(1).stream_writer(sink, closefd=False)
+        self._zstd = background_compressor(INDEX_LEVEL).stream_writer(sink, closefd=False)
         self._buffer = bytearray(_MAGIC)
 
     def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:
