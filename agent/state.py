@@ -228,6 +228,7 @@ def _records(reader: BinaryIO) -> Iterator[Indexed]:
     as much as the comparison it serves."""
     volumes: dict[bytes, str] = {}  # a few names, shared by thousands of records
     unpack, head = _RECORD.unpack_from, _RECORD.size
+    new = tuple.__new__  # a NamedTuple's own __new__ is a Python frame per record
     pending = b""
     try:
         while block := reader.read(1 << 20):
@@ -245,12 +246,15 @@ def _records(reader: BinaryIO) -> Iterator[Indexed]:
                 volume = volumes.get(raw_volume) or volumes.setdefault(
                     raw_volume, raw_volume.decode()
                 )
-                yield Indexed(
-                    data[at + head : key_end],
-                    data[key_end:print_end],
-                    data[print_end:line_end],
-                    volume,
-                    data[at:stop],
+                yield new(
+                    Indexed,
+                    (
+                        data[at + head : key_end],
+                        data[key_end:print_end],
+                        data[print_end:line_end],
+                        volume,
+                        data[at:stop],
+                    ),
                 )
                 at = stop
             pending = data[at:]

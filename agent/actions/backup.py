@@ -187,16 +187,14 @@ class _Previous:
 
     def __init__(self, records: Iterator[Indexed]) -> None:
         self._records = records
-        self._advance()
-
-    def _advance(self) -> None:
-        self._next = next(self._records, None)
-        self._key = self._next.key if self._next is not None else None
+        self._next = next(records, None)
 
     def find(self, key: bytes) -> Indexed | None:
-        while self._key is not None and self._key < key:
-            self._advance()
-        return self._next if self._key == key else None
+        current = self._next
+        while current is not None and current.key < key:
+            current = next(self._records, None)
+        self._next = current
+        return current if current is not None and current.key == key else None
 
 
 class _Held:
