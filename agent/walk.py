@@ -86,6 +86,7 @@ class Walk:
         children: list[tuple[bytes, Found]] = []
         prefix = directory.path.rstrip("/") + "/"
         key_prefix = directory.key.rstrip(b"\0") + b"\0"
+        new = tuple.__new__  # Found(...) would run a Python-level __new__ per entry
         try:
             fd = os.open(directory.path, _LIST_FLAGS)
         except OSError as error:
@@ -106,7 +107,7 @@ class Walk:
                         self.warnings.append(f"{path}: {error.strerror}")
                         continue
                     raw = name.encode("utf-8", "surrogateescape")  # os.fsencode, inlined
-                    children.append((raw, Found(path, info, key_prefix + raw)))
+                    children.append((raw, new(Found, (path, info, key_prefix + raw))))
         except OSError as error:
             self.warnings.append(f"{directory.path}: cannot list: {error.strerror}")
         finally:
