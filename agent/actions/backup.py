@@ -209,11 +209,6 @@ class _Held:
         self.records = bytearray()
         self.count = 0
 
-    def add(self, before: Indexed) -> None:
-        self.lines += before.line
-        self.records += before.record
-        self.count += 1
-
 
 class _Catalog:
     """The catalog being written: age-encrypted to storage, plain to the local cache,
@@ -358,13 +353,13 @@ class _Run:
         return info
 
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
-        ordered = self._ordered
-        for found in walk:
-            before = previous.find(found.key)
+        ordered, find, referenced = self._ordered, previous.find, self.referenced
+        for found in walk:  # names bound once: this loop runs for every entry
+            before = find(found.key)
             stamp = stat_fingerprint(found.stat)
             if before is not None and before.fingerprint == stamp:
                 self._count_unchanged(found.stat)  # its line, as it was: nothing decoded
-                self.referenced.add(before.volume)
+                referenced.add(before.volume)
                 if ordered:
                     self._hold(before, catalog)
                 else:
@@ -385,7 +380,9 @@ class _Run:
         if not isinstance(tail, _Held):
             tail = _Held()
             self._ordered.append(tail)
-        tail.add(before)
+        tail.lines += before.line
+        tail.records += before.record
+        tail.count += 1
         self._held += 1
         if self._held >= BACKLOG:
             self.volumes.flush()  # a frame cut early costs less than the wait
