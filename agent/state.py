@@ -175,19 +175,26 @@ def background_compressor(level: int) -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(compression_params=params)
 
 
+# zstd's fast level -3 for the index: it is rewritten whole and read back whole on every
+# run, and only ever by this node. Measured on the bench index (27 MB of records): about
+# 40% less CPU to compress and a third less to decompress than level 1, for a file 40%
+# larger (6.6 MB instead of 4.7) that never leaves the node.
+INDEX_LEVEL = -3
+
+
 class IndexWriter:
-    """Writes index records, zstd-compressed at level 1: it is rewritten every run."""
+    """Writes index records, zstd-compressed at `INDEX_LEVEL`."""
 
     def __init__(self, sink: BinaryIO) -> None:
         self._sink = sink
-        self._zstd = background_compressor(1).stream_writer(sink, closefd=False)
+        self._zstd = background_compressor(INDEX_LEVEL).stream_writer(sink, closefd=False)
         self._buffer = bytearray(_MAGIC)
 
     def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:
         self.copy(_record(key, fingerprint, line, volume))
 
-    def copy(self, record: bytes) -> None:
-        """Append a record as `Indexed.record` holds it."""
+    def copy(self, record: bytes | bytearray) -> None:
+        """Append a record as `Indexed.record` holds it (or several, back to back)."""
         buffer = self._buffer
         buffer += record
         if len(buffer) >= 1 << 18:  # one compressor call per 256 KiB
@@ -221,6 +228,7 @@ def _records(reader: BinaryIO) -> Iterator[Indexed]:
     as much as the comparison it serves."""
     volumes: dict[bytes, str] = {}  # a few names, shared by thousands of records
     unpack, head = _RECORD.unpack_from, _RECORD.size
+    new = tuple.__new__  # a NamedTuple's own __new__ is a Python frame per record
     pending = b""
     try:
         while block := reader.read(1 << 20):
@@ -238,12 +246,15 @@ def _records(reader: BinaryIO) -> Iterator[Indexed]:
                 volume = volumes.get(raw_volume) or volumes.setdefault(
                     raw_volume, raw_volume.decode()
                 )
-                yield Indexed(
-                    data[at + head : key_end],
-                    data[key_end:print_end],
-                    data[print_end:line_end],
-                    volume,
-                    data[at:stop],
+                yield new(
+                    Indexed,
+                    (
+                        data[at + head : key_end],
+                        data[key_end:print_end],
+                        data[print_end:line_end],
+                        volume,
+                        data[at:stop],
+                    ),
                 )
                 at = stop
             pending = data[at:]

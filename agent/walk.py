@@ -19,6 +19,12 @@ from agent.catalog import sort_key
 
 S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
 
+# A directory is listed through a descriptor: `DirEntry.stat` is then an fstatat of one
+# name, where a listing by path has the kernel resolve every entry's whole path again
+# (about 15% of a no-change backup's walk on the bench dataset, more on deeper trees).
+# O_NOFOLLOW: a directory swapped for a symlink since its lstat is not followed out.
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 
 class Found(NamedTuple):  # a tuple: built once per entry, the cheapest record there is
     path: str
@@ -80,8 +86,14 @@ class Walk:
         children: list[tuple[bytes, Found]] = []
         prefix = directory.path.rstrip("/") + "/"
         key_prefix = directory.key.rstrip(b"\0") + b"\0"
+        new = tuple.__new__  # Found(...) would run a Python-level __new__ per entry
         try:
-            with os.scandir(directory.path) as listing:
+            fd = os.open(directory.path, _LIST_FLAGS)
+        except OSError as error:
+            self.warnings.append(f"{directory.path}: cannot list: {error.strerror}")
+            return []
+        try:
+            with os.scandir(fd) as listing:  # each stat then resolves one name, not a path
                 for item in listing:
                     name = item.name
                     path = prefix + name
@@ -95,9 +107,11 @@ class Walk:
                         self.warnings.append(f"{path}: {error.strerror}")
                         continue
                     raw = name.encode("utf-8", "surrogateescape")  # os.fsencode, inlined
-                    children.append((raw, Found(path, info, key_prefix + raw)))
+                    children.append((raw, new(Found, (path, info, key_prefix + raw))))
         except OSError as error:
             self.warnings.append(f"{directory.path}: cannot list: {error.strerror}")
+        finally:
+            os.close(fd)
         children.sort()  # by name bytes: names are unique, so entries never compare
         return [found for _, found in children]
 

@@ -5,7 +5,6 @@ import logging
 import sys
 
 import click
-from kombu.exceptions import OperationalError
 
 from broker.errors import ContractError
 from muster import LOG_FORMAT, __version__
@@ -71,7 +70,9 @@ def main() -> None:
     except ContractError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
-    except OperationalError as error:
+    except Exception as error:
+        if not _broker_unreachable(error):
+            raise
         click.echo(
             f"error: cannot reach the message broker: {error}\n"
             "Point MUSTER_BROKER_URL (or --broker-url, or broker_url in the config file) "
@@ -79,3 +80,11 @@ def main() -> None:
             err=True,
         )
         sys.exit(3)
+
+
+def _broker_unreachable(error: Exception) -> bool:
+    """kombu's connection error, looked up only if kombu is loaded: a command that never
+    talks to the broker (`muster backup` from a plan file) then never imports kombu and
+    amqp (with ssl, about 16 ms of its start-up), and cannot have raised that error."""
+    exceptions = sys.modules.get("kombu.exceptions")
+    return exceptions is not None and isinstance(error, exceptions.OperationalError)

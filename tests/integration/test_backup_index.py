@@ -156,3 +156,33 @@ def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert node.restore(out).errors == []
     assert tree_state(restored_root(out, node.source)) == tree_state(node.source)
+
+
+@pytest.mark.parametrize("backlog", [8, 4096])
+def test_lines_held_behind_a_changed_file_keep_their_order_and_bytes(
+    tmp_path, monkeypatch, backlog
+):
+    """Unchanged entries after a changed one wait, as runs of bytes, for its frame: the
+    catalog must hold each of their lines once, verbatim, in order, and the index written
+    with them must find them all unchanged on the next run."""
+    from agent.actions import backup
+
+    node = local_node(tmp_path)
+    many = node.source / "many"
+    many.mkdir()
+    for number in range(60):
+        (many / f"{number:02d}").write_text(f"file {number}\n")
+    first = node.backup().record
+    before = cached_catalog(node, first.id).splitlines(keepends=True)
+    (many / "00").write_text("changed, and longer\n")
+    monkeypatch.setattr(backup, "BACKLOG", backlog)
+    changed = node.backup().record
+    assert changed.stats.files_changed == 1
+    after = cached_catalog(node, changed.id).splitlines(keepends=True)
+    needle = str(many / "00").encode()
+    assert [line for line in after if needle not in line] == [
+        line for line in before if needle not in line
+    ]
+    assert len(after) == len(before)
+    again = node.backup().record
+    assert again.stats.files_unchanged == again.stats.files == changed.stats.files
