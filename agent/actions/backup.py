@@ -8,20 +8,17 @@ record is written last.
 """
 
 import contextlib
-import grp
 import os
-import pwd
 import stat
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import BinaryIO
 
 from agent import age
-from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_lines
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_lines
+from agent.members import Item, item
 from agent.repository import Repository
 from agent.state import (
     CatalogCache,
@@ -33,21 +30,21 @@ from agent.state import (
     read_index,
     stat_fingerprint,
 )
-from agent.tarheader import DIRECTORY as TAR_DIRECTORY
-from agent.tarheader import HARDLINK as TAR_HARDLINK
-from agent.tarheader import REGULAR, member_header
-from agent.tarheader import SYMLINK as TAR_SYMLINK
+from agent.tarheader import BLOCK
 from agent.throttle import OpenWriter, Throttle, paced
-from agent.volumes import HashingSink, VolumeWriter, open_for_reading
-from agent.walk import Found, Walk
+from agent.volumes import HashingSink
+from agent.walk import Walk
+from agent.workers import Done, VolumeSettings, Workers
 from broker.plan import Job
 from broker.snapshot import (
     ObjectInfo,
     SnapshotRecord,
     SnapshotStats,
+    VolumeInfo,
     catalog_name,
     new_snapshot_id,
     snapshot_of,
+    volume_name,
 )
 from broker.types import utcnow
 
@@ -55,6 +52,9 @@ from broker.types import utcnow
 # changed files amid unchanged ones would otherwise keep one frame open for a long
 # stretch of the walk and hold every line after them (about 1 KiB each) in memory.
 BACKLOG = 4096
+MEMBERS_PER_VOLUME = 16384
+QUEUED = 2  # messages a worker holds: the volume it writes and the next one
+POLL = 0.2  # seconds between progress reports while the main process waits for workers
 
 Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
 
@@ -82,9 +82,12 @@ def run_backup(
     cache: CatalogCache,
     agent_version: str,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> BackupOutcome:
+    """One snapshot; `workers` processes write its volumes (default: `default_workers`)."""
     with cache.writer_lock():
-        return _backup(job, repo, identity, cache, agent_version, progress)
+        count = workers or default_workers()
+        return _backup(job, repo, identity, cache, agent_version, progress, count)
 
 
 def _backup(
@@ -94,6 +97,7 @@ def _backup(
     cache: CatalogCache,
     agent_version: str,
     progress: Progress | None,
+    workers: int,
 ) -> BackupOutcome:
     for leftover in repo.leftovers():  # an interrupted run's objects: never visible, now gone
         repo.delete(leftover)
@@ -105,7 +109,7 @@ def _backup(
         started = parent.started + timedelta(microseconds=1)
     snapshot_id = new_snapshot_id(started)
     recipients = recipients_for(job, identity)
-    run = _Run(job, repo, snapshot_id, recipients, cache, progress)
+    run = _Run(job, repo, snapshot_id, recipients, cache, progress, workers)
     with contextlib.ExitStack() as stack:
         previous = iter(()) if full else _previous_entries(repo, parent, cache, identity, stack)
         catalog = run.execute(previous)
@@ -120,11 +124,11 @@ def _backup(
         chain=0 if full or parent is None else parent.chain + 1,
         paths=list(job.sources.paths),
         catalog=catalog,
-        volumes=run.volumes.finished,
-        references=_oldest_first(run.referenced - {v.name for v in run.volumes.finished}, history),
+        volumes=run.finished,
+        references=_oldest_first(run.referenced - {v.name for v in run.finished}, history),
         recipients=[str(r) for r in recipients],
         stats=SnapshotStats(
-            **run.tally, bytes_stored=catalog.size + sum(v.size for v in run.volumes.finished)
+            **run.tally, bytes_stored=catalog.size + sum(v.size for v in run.finished)
         ),
         agent_version=agent_version,
     )
@@ -266,13 +270,115 @@ class _Tee:
 
 @dataclass(slots=True)
 class _Line:
-    """A catalog line waiting for its turn: a stored entry, whose line is encoded once
-    its member has a location, or an unchanged entry's previous line, as it was."""
+    """A catalog line waiting for its turn: an unchanged entry's previous line, as it
+    was, or a stored entry's, once its worker has written the member (`done`)."""
 
-    entry: Entry | None
     key: bytes
     stamp: bytes
     before: Indexed | None = None
+    done: bool = False
+    mode: int = 0  # what the walk saw of a stored entry, for the tally
+    size: int = 0
+    change: str = ""
+    line: bytes | None = None  # None when done: it could not be stored (see warnings)
+    volume: str = ""
+    warnings: list[str] | None = None  # its worker's, about this entry and those before it
+
+
+class _Volumes:
+    """Cuts the entries to store into volumes, contiguous ranges of the walk so that the
+    catalog stays sorted, and gives each to a worker process; fills in their lines as the
+    workers answer. A volume ends past the target size, or after `MEMBERS_PER_VOLUME`
+    members (their stat data is held here and in the worker until it is written); a file
+    bigger than the target gets a volume of its own."""
+
+    def __init__(
+        self, workers: Workers, snapshot_id: str, target: int, on_wait: Callable[[], None]
+    ) -> None:
+        self._workers = workers
+        self._snapshot_id = snapshot_id
+        self._target = target
+        self._on_wait = on_wait  # progress, while the main process waits for the workers
+        self._number = 0  # of the open volume, or of the last one
+        self._open = False
+        self._tar_bytes = 0  # of the open volume, estimated with 512-byte headers
+        self._members = 0
+        self._worker: int | None = None  # the open volume's, once a part of it was sent
+        self._items: list[Item] = []  # the open volume's, not sent yet
+        self._slots: list[_Line] = []
+        self._waiting: dict[int, deque[_Line]] = {}  # per volume: lines its worker owes
+        self.finished: dict[int, VolumeInfo] = {}
+        self.bytes_new = 0
+
+    def add(self, entry: Item, slot: _Line) -> None:
+        size = entry.size if stat.S_ISREG(entry.mode) else 0
+        target = self._target
+        if self._members and (
+            self._tar_bytes >= target or size > target or self._members >= MEMBERS_PER_VOLUME
+        ):
+            self._send(finish=True)
+        if not self._open:
+            self._open, self._number = True, self._number + 1
+        self._items.append(entry)
+        self._slots.append(slot)
+        self._members += 1
+        self._tar_bytes += BLOCK + size + -size % BLOCK
+        if size > target:
+            self._send(finish=True)
+
+    def flush(self) -> None:
+        """Every entry added so far stored, and its line filled in."""
+        if self._items:
+            self._send(finish=False)
+        while self._workers.busy:
+            self.wait()
+
+    def finish(self) -> None:
+        """The last volume sent, and every volume committed."""
+        if self._open:
+            self._send(finish=True)
+        while self._workers.busy:
+            self.wait()
+
+    def _send(self, finish: bool) -> None:
+        worker = self._worker if self._worker is not None else self._free_worker()
+        self._workers.send(worker, self._number, self._items, finish)
+        self._waiting.setdefault(self._number, deque()).extend(self._slots)
+        self._items, self._slots = [], []
+        if finish:
+            self._open, self._worker, self._members, self._tar_bytes = False, None, 0, 0
+        else:
+            self._worker = worker  # the rest of this volume goes where its start went
+
+    def _free_worker(self) -> int:
+        """The least busy worker, once it has room: memory stays bounded because at most
+        `QUEUED` messages per worker are in flight."""
+        while True:
+            worker = min(range(self._workers.count), key=self._workers.outstanding)
+            if self._workers.outstanding(worker) < QUEUED:
+                return worker
+            self.wait()
+
+    def wait(self) -> None:
+        """Take one answer of a worker, if one comes within `POLL` seconds."""
+        done = self._workers.receive(POLL)
+        if done is not None:
+            self._fill(done)
+        self._on_wait()
+
+    def _fill(self, done: Done) -> None:
+        slots = self._waiting[done.number]
+        name = volume_name(self._snapshot_id, done.number)
+        slot = None
+        for line in done.stored.lines:
+            slot = slots.popleft()
+            slot.line, slot.volume, slot.done = line, name, True
+        if slot is not None and done.stored.warnings:
+            slot.warnings = done.stored.warnings
+        self.bytes_new += done.stored.bytes_new
+        if done.info is not None:
+            self.finished[done.number] = done.info
+            del self._waiting[done.number]
 
 
 class _Run:
@@ -286,6 +392,7 @@ class _Run:
         recipients: list[age.Recipient],
         cache: CatalogCache,
         progress: Progress | None,
+        workers: int,
     ) -> None:
         self.job = job
         self.repo = repo
@@ -293,15 +400,21 @@ class _Run:
         self.recipients = recipients
         self.cache = cache
         self.progress = progress
+        self.worker_count = workers
         self.tally: Counter[str] = Counter()  # becomes the record's SnapshotStats
         self.warnings: list[str] = []
         self.referenced: set[str] = set()
-        self.volumes: VolumeWriter
+        self.volumes: _Volumes
+        self._workers: Workers
         self._ordered: deque[_Line] = deque()
-        self._links: dict[tuple[int, int], tuple[Entry, int]] = {}
         self._files_done = 0
         self._bytes_done = 0
         self._unchanged = [0, 0, 0]  # files, their bytes, directories
+
+    @property
+    def finished(self) -> list[VolumeInfo]:
+        """The volumes written, in order."""
+        return [info for _, info in sorted(self.volumes.finished.items())]
 
     def execute(self, previous: Iterator[Indexed]) -> ObjectInfo:
         sources = self.job.sources
@@ -309,28 +422,23 @@ class _Run:
         open_writer: OpenWriter = self.repo.open_writer
         if self.job.bandwidth_limit:
             open_writer = paced(open_writer, Throttle(int(self.job.bandwidth_limit)))
-        with (
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-writer") as writer,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher") as hasher,
-        ):
-            self.volumes = VolumeWriter(
-                open_writer,
-                self.snapshot_id,
-                self.recipients,
-                level=self.job.compression_level,
-                target_size=self.job.volume_size,
-                pool=pool,
-                writer=writer,
-                hasher=hasher,
-                on_read=self._read,
+        settings = VolumeSettings(
+            open_writer,
+            self.snapshot_id,
+            self.recipients,
+            level=self.job.compression_level,
+            target_size=self.job.volume_size,
+            reconnect=self.repo.storage.reconnect,
+        )
+        with Workers(self.worker_count, settings) as self._workers:
+            self.volumes = _Volumes(
+                self._workers, self.snapshot_id, self.job.volume_size, self._report
             )
             catalog = _Catalog(open_writer, self.snapshot_id, self.recipients, self.cache)
             try:
                 self._walk(walk, _Previous(previous), catalog)
                 info = catalog.close()
             except BaseException as error:
-                self.volumes.abort(error)
                 catalog.abort(error)
                 self.cache.discard(self.snapshot_id)
                 raise
@@ -339,45 +447,47 @@ class _Run:
 
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
         ordered = self._ordered
+        volumes = self.volumes
         for found in walk:
             before = previous.find(found.key)
             stamp = stat_fingerprint(found.stat)
             if before is not None and before.fingerprint == stamp:
                 self._count_unchanged(found.stat)  # its line, as it was: nothing decoded
                 if ordered:
-                    ordered.append(_Line(None, found.key, stamp, before))
+                    ordered.append(_Line(found.key, stamp, before, done=True))
                     if len(ordered) >= BACKLOG:
-                        self.volumes.flush()  # a frame cut early costs less than the wait
+                        volumes.flush()  # a volume's part sent early costs less than the wait
                         self._emit_located(catalog)
                 else:
                     catalog.reuse(before)
                     self.referenced.add(before.volume)
                 continue
-            entry = _entry(found)
-            if self._store(entry, found):
-                self._count(entry, "new" if before is None else "changed")
-                ordered.append(_Line(entry, found.key, stamp))
-                self._emit_located(catalog)
-        self.volumes.finish_volume()
+            info = found.stat
+            change = "new" if before is None else "changed"
+            slot = _Line(found.key, stamp, mode=info.st_mode, size=info.st_size, change=change)
+            ordered.append(slot)
+            volumes.add(item(found.path, info), slot)
+            self._emit_located(catalog)
+        volumes.finish()
         self._emit_located(catalog)
         self._tally_unchanged()
+        self.tally["bytes_new"] += volumes.bytes_new
 
     def _emit_located(self, catalog: _Catalog) -> None:
-        """Catalog lines leave in walk order, each once its member has a location."""
+        """Catalog lines leave in walk order, each once its member is written."""
         ordered = self._ordered
-        while ordered:
-            head = ordered[0]
+        while ordered and ordered[0].done:
+            head = ordered.popleft()
             if head.before is not None:
                 catalog.reuse(head.before)
-                volume = head.before.volume
-            else:
-                entry = head.entry
-                if entry is None or entry.location is None:
-                    return
-                volume = entry.location.volume
-                catalog.write(encode_line(entry), head.key, head.stamp, volume)
-            ordered.popleft()
-            self.referenced.add(volume)
+                self.referenced.add(head.before.volume)
+                continue
+            if head.warnings:
+                self.warnings += head.warnings
+            if head.line is not None:
+                catalog.write(head.line, head.key, head.stamp, head.volume)
+                self.referenced.add(head.volume)
+                self._count(head)
 
     def _count_unchanged(self, info: os.stat_result) -> None:
         """Plain counters, added to the tally once at the end: this runs for every
@@ -397,133 +507,24 @@ class _Run:
         files, size, directories = self._unchanged
         self.tally.update(files=files, bytes=size, files_unchanged=files, directories=directories)
 
-    def _count(self, entry: Entry, change: str) -> None:
-        if entry.type == DIRECTORY:
+    def _count(self, stored: _Line) -> None:
+        if stat.S_ISDIR(stored.mode):
             self.tally["directories"] += 1
-        elif entry.type in (FILE, HARDLINK):
+        elif stat.S_ISREG(stored.mode):
             self.tally["files"] += 1
-            self.tally["bytes"] += entry.size
-            self.tally[f"files_{change}"] += 1
-            self._files_done += 1
-            self._report()
-
-    def _read(self, count: int) -> None:
-        self._bytes_done += count
-        self._report()
+            self.tally["bytes"] += stored.size
+            self.tally[f"files_{stored.change}"] += 1
 
     def _report(self) -> None:
+        """Progress: files and bytes unchanged here, plus what the workers have read."""
         if self.progress:
-            self.progress(self._files_done, self._bytes_done)
-
-    def _store(self, entry: Entry, found: Found) -> bool:
-        """Append the entry's member to the current volume; False if it cannot be read."""
-        name = _member_name(entry)
-        owner = {
-            "mode": entry.mode,
-            "uid": entry.uid,
-            "gid": entry.gid,
-            "mtime": entry.mtime_ns // 10**9,
-            "uname": entry.user,
-            "gname": entry.group,
-        }
-        if entry.type == DIRECTORY:
-            self.volumes.add(entry, member_header(name + b"/", TAR_DIRECTORY, **owner))
-        elif entry.type == SYMLINK:
-            try:
-                entry.link = os.readlink(entry.path)
-            except OSError as error:
-                return self._warn(f"{entry.path}: cannot read link: {error.strerror}")
-            link = entry.link.encode("utf-8", "surrogateescape")
-            self.volumes.add(entry, member_header(name, TAR_SYMLINK, linkname=link, **owner))
-        elif not self._store_hardlink(entry, found, name, owner):
-            return self._store_file(entry, found, name, owner)
-        return True
-
-    def _store_hardlink(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
-        """A second name of a file already in this volume becomes a tar hardlink member."""
-        if found.stat.st_nlink < 2:
-            return False
-        first = self._links.get((found.stat.st_dev, found.stat.st_ino))
-        # 0 means no open volume: the first name was closed into a volume of its own
-        in_this_volume = (
-            first is not None and first[1] != 0 and first[1] == (self.volumes.volume_number)
-        )
-        if not in_this_volume or self.volumes.is_full:
-            return False
-        target = first[0]
-        if target.location is None:  # rare: wait for its frames, whose hashing sets its sha256
-            self.volumes.flush()
-        if target.sha256 is None:  # it shrank while being read: store this name in full
-            return False
-        entry.type, entry.link, entry.sha256 = HARDLINK, target.path, target.sha256
-        header = member_header(name, TAR_HARDLINK, linkname=_member_name(target), **owner)
-        self.volumes.add(entry, header)
-        return True
-
-    def _store_file(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
-        try:
-            fd = open_for_reading(entry.path)
-        except FileNotFoundError:
-            return self._warn(f"{entry.path}: vanished before it could be read")
-        except OSError as error:
-            return self._warn(f"{entry.path}: not backed up: {error.strerror}")
-        try:
-            header = member_header(name, REGULAR, size=entry.size, **owner)
-            self.warnings += self.volumes.add(entry, header, fd)
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if (after.st_size, after.st_mtime_ns) != (entry.size, entry.mtime_ns):
-            self.warnings.append(f"{entry.path}: changed while being read")
-        if found.stat.st_nlink > 1:
-            self._links[(found.stat.st_dev, found.stat.st_ino)] = (
-                entry,
-                self.volumes.volume_number,
-            )
-        self.tally["bytes_new"] += entry.size
-        return True
-
-    def _warn(self, message: str) -> bool:
-        self.warnings.append(message)
-        return False
+            files, size = self._workers.progress()
+            self.progress(self._files_done + files, self._bytes_done + size)
 
 
-def _entry(found: Found) -> Entry:
-    info = found.stat
-    kind = (
-        DIRECTORY if stat.S_ISDIR(info.st_mode) else SYMLINK if stat.S_ISLNK(info.st_mode) else FILE
-    )
-    return Entry(
-        path=found.path,
-        type=kind,
-        mode=stat.S_IMODE(info.st_mode),
-        uid=info.st_uid,
-        gid=info.st_gid,
-        user=_user(info.st_uid),
-        group=_group(info.st_gid),
-        mtime_ns=info.st_mtime_ns,
-        ctime_ns=info.st_ctime_ns,
-        inode=info.st_ino,
-        size=info.st_size if kind == FILE else 0,
-    )
-
-
-def _member_name(entry: Entry) -> bytes:
-    """Relative names, as GNU tar writes them: extraction lands under the current dir."""
-    return entry.path.lstrip("/").encode("utf-8", "surrogateescape") or b"."
-
-
-@lru_cache(maxsize=1024)
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return ""
-
-
-@lru_cache(maxsize=1024)
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return ""
+def default_workers() -> int:
+    """`MUSTER_BACKUP_WORKERS`, else one worker process per core this process may use."""
+    configured = os.environ.get("MUSTER_BACKUP_WORKERS")
+    if configured:
+        return max(1, int(configured))
+    return max(1, len(os.sched_getaffinity(0)))
