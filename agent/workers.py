@@ -12,10 +12,10 @@ the storage settings already in memory (nothing is pickled but the work itself),
 opens its own storage connections (a socket must not be shared across a fork).
 
 Messages, one queue per worker to it, one pipe per worker back:
-- `(number, items, finish)`: items of volume `number`, in path order. A volume usually
-  goes in one message; when the main process needs its catalog lines early it sends a
-  part with `finish=False`, the volume stays open in that worker, and the next parts go
-  to the same worker.
+- `(number, items, mode)`: items of volume `number`, in path order, sent in parts as the
+  walk finds them, so a worker starts on a volume at once. `PART` asks for no answer;
+  `FLUSH` for the lines of every member so far (the volume stays open), `FINISH` for
+  the rest of them and the committed volume.
 - back, once the message's members are written: `(number, Stored, VolumeInfo or None)`,
   or `(None, error, traceback)` when the worker failed (it aborts its volume first).
 Progress: each worker counts files and bytes read in shared memory; the main process
@@ -47,6 +47,7 @@ from agent.volumes import VolumeWriter
 from broker.snapshot import VolumeInfo, volume_name
 
 _FORK = get_context("fork")
+PART, FLUSH, FINISH = 0, 1, 2
 _PR_SET_PDEATHSIG = 1
 ABORT_WAIT = 60.0  # seconds a worker gets to drop its upload once told to stop
 
@@ -88,7 +89,7 @@ class Workers:
         self._queues: list[Any] = []
         self._results: list[connection.Connection] = []
         self._processes: list[Any] = []
-        self._outstanding = [0] * count
+        self._answers = [0] * count  # answers each worker owes
 
     def __enter__(self) -> Workers:
         return self
@@ -99,7 +100,10 @@ class Workers:
         else:
             self.abort()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Fork the workers (once): before the walk holds much, which they would share."""
+        if self._processes:
+            return
         parent = os.getpid()
         gc.freeze()  # the workers' collections then leave the pages shared with us alone
         try:
@@ -120,19 +124,16 @@ class Workers:
         finally:
             gc.unfreeze()
 
-    def send(self, worker: int, number: int, items: list[Item], finish: bool) -> None:
-        if not self._processes:
-            self._start()
-        self._queues[worker].put((number, items, finish))
-        self._outstanding[worker] += 1
-
-    def outstanding(self, worker: int) -> int:
-        """Messages sent to `worker` and not answered yet."""
-        return self._outstanding[worker]
+    def send(self, worker: int, number: int, items: list[Item], mode: int) -> None:
+        self.start()
+        self._queues[worker].put((number, items, mode))
+        if mode != PART:
+            self._answers[worker] += 1
 
     @property
     def busy(self) -> bool:
-        return any(self._outstanding)
+        """Some answer is still to come."""
+        return any(self._answers)
 
     def progress(self) -> tuple[int, int]:
         """Files and bytes read so far by all workers."""
@@ -159,7 +160,7 @@ class Workers:
         if number is None:
             payload.__cause__ = RemoteTraceback(extra)
             raise payload
-        self._outstanding[index] -= 1
+        self._answers[index] -= 1
         return Done(index, number, payload, extra)
 
     def _died(self, index: int) -> None:
@@ -179,6 +180,7 @@ class Workers:
         for queue in self._queues:
             queue.close()
             queue.join_thread()
+        self._release()
 
     def abort(self) -> None:
         """Stop every worker now: each drops its open volume's upload and ends."""
@@ -194,6 +196,15 @@ class Workers:
         for queue in self._queues:
             queue.cancel_join_thread()
             queue.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Close our ends of the pipes and the processes' handles: a long-lived process
+        (the daemon's run, a test session) runs many backups."""
+        for results in self._results:
+            results.close()
+        for process in self._processes:
+            process.close()
 
 
 # -- in a worker ---------------------------------------------------------------------------
@@ -273,15 +284,15 @@ def _answer_tasks(
     members: VolumeMembers | None = None
     try:
         while (task := tasks.get()) is not None:
-            number, items, finish = task
+            number, items, mode = task
             if members is None:
                 members = open_volume(number)
             members.add(items)
-            if finish:
+            if mode == FINISH:
                 stored, info = members.finish()
                 members = None
                 results.send((number, stored, info))
-            else:
+            elif mode == FLUSH:
                 results.send((number, members.flush(), None))
     except BaseException as error:
         if members is not None:

@@ -34,7 +34,7 @@ from agent.tarheader import BLOCK
 from agent.throttle import OpenWriter, Throttle, paced
 from agent.volumes import HashingSink
 from agent.walk import Walk
-from agent.workers import Done, VolumeSettings, Workers
+from agent.workers import FINISH, FLUSH, PART, Done, VolumeSettings, Workers
 from broker.plan import Job
 from broker.snapshot import (
     ObjectInfo,
@@ -53,7 +53,7 @@ from broker.types import utcnow
 # stretch of the walk and hold every line after them (about 1 KiB each) in memory.
 BACKLOG = 4096
 MEMBERS_PER_VOLUME = 16384
-QUEUED = 2  # messages a worker holds: the volume it writes and the next one
+PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts this size
 POLL = 0.2  # seconds between progress reports while the main process waits for workers
 
 Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
@@ -287,10 +287,11 @@ class _Line:
 
 class _Volumes:
     """Cuts the entries to store into volumes, contiguous ranges of the walk so that the
-    catalog stays sorted, and gives each to a worker process; fills in their lines as the
-    workers answer. A volume ends past the target size, or after `MEMBERS_PER_VOLUME`
-    members (their stat data is held here and in the worker until it is written); a file
-    bigger than the target gets a volume of its own."""
+    catalog stays sorted, and gives each to a free worker process, in parts as the walk
+    finds them; fills in their lines as the workers answer. A volume ends past the target
+    size, or after `MEMBERS_PER_VOLUME` members (their stat data is held here and in the
+    worker until it is written); a file bigger than the target gets a volume of its own.
+    Each worker writes one volume at a time, so at most as many are in flight."""
 
     def __init__(
         self, workers: Workers, snapshot_id: str, target: int, on_wait: Callable[[], None]
@@ -303,9 +304,11 @@ class _Volumes:
         self._open = False
         self._tar_bytes = 0  # of the open volume, estimated with 512-byte headers
         self._members = 0
-        self._worker: int | None = None  # the open volume's, once a part of it was sent
+        self._worker = 0  # the open volume's
+        self._writing = [0] * workers.count  # the volume each worker writes, 0 for none
         self._items: list[Item] = []  # the open volume's, not sent yet
         self._slots: list[_Line] = []
+        self._part_bytes = 0
         self._waiting: dict[int, deque[_Line]] = {}  # per volume: lines its worker owes
         self.finished: dict[int, VolumeInfo] = {}
         self.bytes_new = 0
@@ -316,48 +319,49 @@ class _Volumes:
         if self._members and (
             self._tar_bytes >= target or size > target or self._members >= MEMBERS_PER_VOLUME
         ):
-            self._send(finish=True)
+            self._send(FINISH)
         if not self._open:
-            self._open, self._number = True, self._number + 1
+            self._start_volume()
         self._items.append(entry)
         self._slots.append(slot)
         self._members += 1
         self._tar_bytes += BLOCK + size + -size % BLOCK
+        self._part_bytes += size
         if size > target:
-            self._send(finish=True)
+            self._send(FINISH)
+        elif len(self._items) >= PART_ITEMS or self._part_bytes >= PART_BYTES:
+            self._send(PART)
 
     def flush(self) -> None:
         """Every entry added so far stored, and its line filled in."""
-        if self._items:
-            self._send(finish=False)
+        if self._open:
+            self._send(FLUSH)
         while self._workers.busy:
             self.wait()
 
     def finish(self) -> None:
         """The last volume sent, and every volume committed."""
         if self._open:
-            self._send(finish=True)
+            self._send(FINISH)
         while self._workers.busy:
             self.wait()
 
-    def _send(self, finish: bool) -> None:
-        worker = self._worker if self._worker is not None else self._free_worker()
-        self._workers.send(worker, self._number, self._items, finish)
-        self._waiting.setdefault(self._number, deque()).extend(self._slots)
-        self._items, self._slots = [], []
-        if finish:
-            self._open, self._worker, self._members, self._tar_bytes = False, None, 0, 0
-        else:
-            self._worker = worker  # the rest of this volume goes where its start went
-
-    def _free_worker(self) -> int:
-        """The least busy worker, once it has room: memory stays bounded because at most
-        `QUEUED` messages per worker are in flight."""
-        while True:
-            worker = min(range(self._workers.count), key=self._workers.outstanding)
-            if self._workers.outstanding(worker) < QUEUED:
-                return worker
+    def _start_volume(self) -> None:
+        """The next volume, on the first worker free (waiting for one if need be)."""
+        self._workers.start()
+        while 0 not in self._writing:
             self.wait()
+        self._number += 1
+        self._worker = self._writing.index(0)
+        self._writing[self._worker] = self._number
+        self._open = True
+
+    def _send(self, mode: int) -> None:
+        self._workers.send(self._worker, self._number, self._items, mode)
+        self._waiting.setdefault(self._number, deque()).extend(self._slots)
+        self._items, self._slots, self._part_bytes = [], [], 0
+        if mode == FINISH:
+            self._open, self._members, self._tar_bytes = False, 0, 0
 
     def wait(self) -> None:
         """Take one answer of a worker, if one comes within `POLL` seconds."""
@@ -379,6 +383,7 @@ class _Volumes:
         if done.info is not None:
             self.finished[done.number] = done.info
             del self._waiting[done.number]
+            self._writing[done.worker] = 0
 
 
 class _Run:
