@@ -3,8 +3,10 @@
 The walk is merged against the previous catalog (its local index, else the cached
 catalog, else the catalog in storage): an entry whose size, times, inode and mode are
 unchanged keeps its earlier line, copied byte for byte, and its data is not read at all.
-Everything else is read once, hashed and appended to the current volume. The snapshot
-record is written last.
+Everything else is cut into volumes, contiguous ranges of the walk, each written by a
+worker process (agent/workers.py: files read once, hashed, tar, zstd, age, upload) while
+this process walks on; their catalog lines come back and are written in walk order. The
+snapshot record is written last, once every volume is committed.
 """
 
 import contextlib
@@ -48,9 +50,10 @@ from broker.snapshot import (
 )
 from broker.types import utcnow
 
-# Catalog lines held back, at most, behind a member whose frame is not written yet: a few
-# changed files amid unchanged ones would otherwise keep one frame open for a long
-# stretch of the walk and hold every line after them (about 1 KiB each) in memory.
+# Catalog lines held back, at most, behind a member not written yet: a few changed files
+# amid unchanged ones would otherwise keep one volume open for a long stretch of the walk
+# and hold every line after them (about 1 KiB each) in memory; past this, the open
+# volume's worker writes what it has (the volume stays open) and sends its lines.
 BACKLOG = 4096
 MEMBERS_PER_VOLUME = 16384
 PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts this size
