@@ -57,6 +57,9 @@ from broker.types import utcnow
 BACKLOG = 4096
 MEMBERS_PER_VOLUME = 16384
 PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts this size
+# Lines written, at most, per entry the walk sends: a volume's 16k lines, written at once
+# when its worker answers, kept the walk (and so the next volume's worker) waiting.
+EMIT_STEP = 16
 POLL = 0.2  # seconds between progress reports while the main process waits for workers
 
 Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
@@ -475,16 +478,18 @@ class _Run:
             slot = _Line(found.key, stamp, mode=info.st_mode, size=info.st_size, change=change)
             ordered.append(slot)
             volumes.add(item(found.path, info), slot)
-            self._emit_located(catalog)
+            self._emit_located(catalog, EMIT_STEP)
         volumes.finish()
         self._emit_located(catalog)
         self._tally_unchanged()
         self.tally["bytes_new"] += volumes.bytes_new
 
-    def _emit_located(self, catalog: _Catalog) -> None:
-        """Catalog lines leave in walk order, each once its member is written."""
+    def _emit_located(self, catalog: _Catalog, limit: int = -1) -> None:
+        """Catalog lines leave in walk order, each once its member is written; at most
+        `limit` of them (if given), so that the walk goes on feeding the workers."""
         ordered = self._ordered
-        while ordered and ordered[0].done:
+        while limit and ordered and ordered[0].done:
+            limit -= 1
             head = ordered.popleft()
             if head.before is not None:
                 catalog.reuse(head.before)
