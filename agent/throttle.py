@@ -1,9 +1,11 @@
 """The plan's bandwidth limit: uploads paced to a number of bytes per second.
 
 A token bucket holding one second's worth: short bursts are smooth, and the average rate
-over any longer stretch stays at or below the limit.
+over any longer stretch stays at or below the limit. The bucket lives in shared memory,
+so a backup's worker processes, forked after it was made, all draw from the one limit.
 """
 
+import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -22,16 +24,19 @@ class Throttle:
         self._rate = rate
         self._clock = clock
         self._sleep = sleep
-        self._tokens = float(rate)
-        self._last = clock()
+        context = multiprocessing.get_context("fork")
+        self._bucket = context.RawArray("d", [float(rate), clock()])  # tokens, last refill
+        self._lock = context.Lock()
 
     def __call__(self, count: int) -> None:
         """Account for `count` bytes about to be sent, waiting as long as the limit says."""
-        now = self._clock()
-        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate) - count
-        self._last = now
-        if self._tokens < 0:
-            self._sleep(-self._tokens / self._rate)
+        bucket = self._bucket
+        with self._lock:
+            now = self._clock()
+            tokens = min(self._rate, bucket[0] + (now - bucket[1]) * self._rate) - count
+            bucket[0], bucket[1] = tokens, now
+        if tokens < 0:
+            self._sleep(-tokens / self._rate)
 
 
 class _Paced:

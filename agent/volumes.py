@@ -1,6 +1,8 @@
-"""Writes a snapshot's volumes: tar members into zstd frames into age into storage.
+"""Writes one volume: tar members into zstd frames into age into storage.
 
-One pass, nothing staged on disk. The tar stream is cut into independent zstd frames, a
+A backup's worker processes each run one `VolumeWriter` per volume (agent/workers.py);
+which members go into which volume is decided by the main process. One pass, nothing
+staged on disk. The tar stream is cut into independent zstd frames, a
 new frame at the first member boundary past `FRAME_TARGET` bytes (and inside members
 every `FRAME_MAX` bytes), so that one file can later be restored by fetching only the age
 chunks that hold its frames. Frames are compressed on a thread pool while the next one
@@ -30,7 +32,7 @@ from agent import age
 from agent.catalog import Entry, Location
 from agent.tarheader import BLOCK, END_OF_ARCHIVE
 from agent.throttle import OpenWriter
-from broker.snapshot import VolumeInfo, volume_name
+from broker.snapshot import VolumeInfo
 
 FRAME_TARGET = 1 << 20
 FRAME_MAX = 4 << 20
@@ -109,16 +111,16 @@ def _compress(level: int, data: bytearray) -> bytes:
 
 
 class VolumeWriter:
-    """Adds members to the current volume and rotates volumes at the target size.
+    """Adds members to one volume; `finish` commits it.
 
-    An entry's `location` is filled in once the frames holding it are written; callers
-    check `entry.location` (see `located`) to emit catalog lines in order.
+    An entry's `location` is filled in once the frames holding it are written: after
+    `flush` or `finish`, every member added so far has one.
     """
 
     def __init__(
         self,
         open_writer: OpenWriter,
-        snapshot_id: str,
+        name: str,
         recipients: Iterable[age.Recipient],
         *,
         level: int,
@@ -129,7 +131,7 @@ class VolumeWriter:
         on_read: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._open_writer = open_writer
-        self._snapshot_id = snapshot_id
+        self.name = name
         self._recipients = list(recipients)
         self._level = level
         self._target = target_size
@@ -140,24 +142,12 @@ class VolumeWriter:
         self._writes: deque[Future[int]] = deque()
         self._on_read = on_read  # progress: file bytes as they are read
         self._volume: _Volume | None = None
-        self._number = 0
         self._frame = bytearray()
         self._frame_index = 0
         self._in_flight: deque[tuple[int, Future[bytes], Future[None] | None]] = deque()
         self._spans: list[_Span] = []  # the open frame's, hashed once it is cut
         self._streaming: tuple[Entry, hashlib._Hash, int] | None = None  # a big member
         self._pending: deque[_Pending] = deque()
-        self.finished: list[VolumeInfo] = []
-
-    @property
-    def volume_number(self) -> int:
-        """The number of the open volume, 0 when none is open."""
-        return self._number if self._volume is not None else 0
-
-    @property
-    def is_full(self) -> bool:
-        """True when the next member starts a new volume."""
-        return self._volume is not None and self._volume.tar_bytes >= self._target
 
     # -- members -------------------------------------------------------------------------
 
@@ -167,7 +157,6 @@ class VolumeWriter:
         Without `content` the member has no data (directories, symlinks, hard links),
         whatever `entry.size` says."""
         size = entry.size if content is not None else 0
-        self._rotate_before(size)
         volume = self._current(size)
         if len(self._frame) >= FRAME_TARGET:
             self._cut_frame()
@@ -181,8 +170,6 @@ class VolumeWriter:
         pending.last_frame = self._frame_index
         volume.tar_bytes += len(header) + size + pad
         volume.members += 1
-        if size > self._target:
-            self.finish_volume()  # a file bigger than the target has a volume of its own
         return warnings
 
     def _copy(self, entry: Entry, content: int) -> list[str]:
@@ -225,13 +212,6 @@ class VolumeWriter:
             self._frame += bytes(remaining)
             return [f"{entry.path}: shrank while being read; padded with zeros"]
         return []
-
-    def _rotate_before(self, size: int) -> None:
-        volume = self._volume
-        if volume is None or not volume.members:
-            return
-        if volume.tar_bytes >= self._target or size > self._target:
-            self.finish_volume()
 
     # -- frames --------------------------------------------------------------------------
 
@@ -296,8 +276,7 @@ class VolumeWriter:
 
     def _current(self, first_member: int = 0) -> _Volume:
         if self._volume is None:
-            self._number += 1
-            name = volume_name(self._snapshot_id, self._number)
+            name = self.name
             stack = contextlib.ExitStack()
             # How big it may grow, so storage can size its parts (a big file's own volume)
             hint = max(self._target, first_member) * 102 // 100 + (1 << 20)
@@ -305,11 +284,9 @@ class VolumeWriter:
             self._volume = _Volume(name, stack, sink, age.Encryptor(sink, self._recipients))
         return self._volume
 
-    def finish_volume(self) -> None:
+    def finish(self) -> VolumeInfo:
         """End the tar stream, flush every frame and commit the object to storage."""
-        volume = self._volume
-        if volume is None:
-            return
+        volume = self._current()
         self._frame += END_OF_ARCHIVE
         self._cut_frame()
         while self._in_flight:
@@ -318,16 +295,14 @@ class VolumeWriter:
             self._writes.popleft().result()
         volume.encryptor.close()
         volume.stack.close()  # commits: the object becomes visible only now
-        self.finished.append(
-            VolumeInfo(
-                name=volume.name,
-                size=volume.sink.size,
-                sha256=volume.sink.sha256.hexdigest(),
-                header_length=volume.encryptor.header_length,
-                members=volume.members,
-            )
-        )
         self._volume = None
+        return VolumeInfo(
+            name=volume.name,
+            size=volume.sink.size,
+            sha256=volume.sink.sha256.hexdigest(),
+            header_length=volume.encryptor.header_length,
+            members=volume.members,
+        )
 
     def abort(self, error: BaseException) -> None:
         """Discard the open volume: storage leaves no object behind for it."""

@@ -3,25 +3,24 @@
 The walk is merged against the previous catalog (its local index, else the cached
 catalog, else the catalog in storage): an entry whose size, times, inode and mode are
 unchanged keeps its earlier line, copied byte for byte, and its data is not read at all.
-Everything else is read once, hashed and appended to the current volume. The snapshot
-record is written last.
+Everything else is cut into volumes, contiguous ranges of the walk, each written by a
+worker process (agent/workers.py: files read once, hashed, tar, zstd, age, upload) while
+this process walks on; their catalog lines come back and are written in walk order. The
+snapshot record is written last, once every volume is committed.
 """
 
 import contextlib
-import grp
 import os
-import pwd
 import stat
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import BinaryIO
 
 from agent import age
-from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, encode_line, read_lines
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_lines
+from agent.members import Item, item
 from agent.repository import Repository
 from agent.state import (
     CatalogCache,
@@ -33,28 +32,35 @@ from agent.state import (
     read_index,
     stat_fingerprint,
 )
-from agent.tarheader import DIRECTORY as TAR_DIRECTORY
-from agent.tarheader import HARDLINK as TAR_HARDLINK
-from agent.tarheader import REGULAR, member_header
-from agent.tarheader import SYMLINK as TAR_SYMLINK
+from agent.tarheader import BLOCK
 from agent.throttle import OpenWriter, Throttle, paced
-from agent.volumes import HashingSink, VolumeWriter, open_for_reading
-from agent.walk import Found, Walk
+from agent.volumes import HashingSink
+from agent.walk import Walk
+from agent.workers import FINISH, FLUSH, PART, Done, VolumeSettings, Workers
 from broker.plan import Job
 from broker.snapshot import (
     ObjectInfo,
     SnapshotRecord,
     SnapshotStats,
+    VolumeInfo,
     catalog_name,
     new_snapshot_id,
     snapshot_of,
+    volume_name,
 )
 from broker.types import utcnow
 
-# Catalog lines held back, at most, behind a member whose frame is not written yet: a few
-# changed files amid unchanged ones would otherwise keep one frame open for a long
-# stretch of the walk and hold every line after them (about 1 KiB each) in memory.
+# Catalog lines held back, at most, behind a member not written yet: a few changed files
+# amid unchanged ones would otherwise keep one volume open for a long stretch of the walk
+# and hold every line after them (about 1 KiB each) in memory; past this, the open
+# volume's worker writes what it has (the volume stays open) and sends its lines.
 BACKLOG = 4096
+MEMBERS_PER_VOLUME = 16384
+PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts this size
+# Lines written, at most, per entry the walk sends: a volume's 16k lines, written at once
+# when its worker answers, kept the walk (and so the next volume's worker) waiting.
+EMIT_STEP = 16
+POLL = 0.2  # seconds between progress reports while the main process waits for workers
 
 Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
 
@@ -82,9 +88,12 @@ def run_backup(
     cache: CatalogCache,
     agent_version: str,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> BackupOutcome:
+    """One snapshot; `workers` processes write its volumes (default: `default_workers`)."""
     with cache.writer_lock():
-        return _backup(job, repo, identity, cache, agent_version, progress)
+        count = workers or default_workers()
+        return _backup(job, repo, identity, cache, agent_version, progress, count)
 
 
 def _backup(
@@ -94,6 +103,7 @@ def _backup(
     cache: CatalogCache,
     agent_version: str,
     progress: Progress | None,
+    workers: int,
 ) -> BackupOutcome:
     for leftover in repo.leftovers():  # an interrupted run's objects: never visible, now gone
         repo.delete(leftover)
@@ -105,7 +115,7 @@ def _backup(
         started = parent.started + timedelta(microseconds=1)
     snapshot_id = new_snapshot_id(started)
     recipients = recipients_for(job, identity)
-    run = _Run(job, repo, snapshot_id, recipients, cache, progress)
+    run = _Run(job, repo, snapshot_id, recipients, cache, progress, workers)
     with contextlib.ExitStack() as stack:
         previous = iter(()) if full else _previous_entries(repo, parent, cache, identity, stack)
         catalog = run.execute(previous)
@@ -120,11 +130,11 @@ def _backup(
         chain=0 if full or parent is None else parent.chain + 1,
         paths=list(job.sources.paths),
         catalog=catalog,
-        volumes=run.volumes.finished,
-        references=_oldest_first(run.referenced - {v.name for v in run.volumes.finished}, history),
+        volumes=run.finished,
+        references=_oldest_first(run.referenced - {v.name for v in run.finished}, history),
         recipients=[str(r) for r in recipients],
         stats=SnapshotStats(
-            **run.tally, bytes_stored=catalog.size + sum(v.size for v in run.volumes.finished)
+            **run.tally, bytes_stored=catalog.size + sum(v.size for v in run.finished)
         ),
         agent_version=agent_version,
     )
@@ -282,11 +292,118 @@ class _Tee:
 
 @dataclass(slots=True)
 class _Line:
-    """A stored entry's catalog line, encoded once its member has a location."""
+    """A stored entry's catalog line, waiting for its worker to write the member (`done`)."""
 
-    entry: Entry
     key: bytes
     stamp: bytes
+    done: bool = False
+    mode: int = 0  # what the walk saw of a stored entry, for the tally
+    size: int = 0
+    change: str = ""
+    line: bytes | None = None  # None when done: it could not be stored (see warnings)
+    volume: str = ""
+    warnings: list[str] | None = None  # its worker's, about this entry and those before it
+
+
+class _Volumes:
+    """Cuts the entries to store into volumes, contiguous ranges of the walk so that the
+    catalog stays sorted, and gives each to a free worker process, in parts as the walk
+    finds them; fills in their lines as the workers answer. A volume ends past the target
+    size, or after `MEMBERS_PER_VOLUME` members (their stat data is held here and in the
+    worker until it is written); a file bigger than the target gets a volume of its own.
+    Each worker writes one volume at a time, so at most as many are in flight."""
+
+    def __init__(
+        self, workers: Workers, snapshot_id: str, target: int, on_wait: Callable[[], None]
+    ) -> None:
+        self._workers = workers
+        self._snapshot_id = snapshot_id
+        self._target = target
+        self._on_wait = on_wait  # progress, while the main process waits for the workers
+        self._number = 0  # of the open volume, or of the last one
+        self._open = False
+        self._tar_bytes = 0  # of the open volume, estimated with 512-byte headers
+        self._members = 0
+        self._worker = 0  # the open volume's
+        self._writing = [0] * workers.count  # the volume each worker writes, 0 for none
+        self._items: list[Item] = []  # the open volume's, not sent yet
+        self._slots: list[_Line] = []
+        self._part_bytes = 0
+        self._waiting: dict[int, deque[_Line]] = {}  # per volume: lines its worker owes
+        self.finished: dict[int, VolumeInfo] = {}
+        self.bytes_new = 0
+
+    def add(self, entry: Item, slot: _Line) -> None:
+        size = entry.size if stat.S_ISREG(entry.mode) else 0
+        target = self._target
+        if self._members and (
+            self._tar_bytes >= target or size > target or self._members >= MEMBERS_PER_VOLUME
+        ):
+            self._send(FINISH)
+        if not self._open:
+            self._start_volume()
+        self._items.append(entry)
+        self._slots.append(slot)
+        self._members += 1
+        self._tar_bytes += BLOCK + size + -size % BLOCK
+        self._part_bytes += size
+        if size > target:
+            self._send(FINISH)
+        elif len(self._items) >= PART_ITEMS or self._part_bytes >= PART_BYTES:
+            self._send(PART)
+
+    def flush(self) -> None:
+        """Every entry added so far stored, and its line filled in."""
+        if self._open:
+            self._send(FLUSH)
+        while self._workers.busy:
+            self.wait()
+
+    def finish(self) -> None:
+        """The last volume sent, and every volume committed."""
+        if self._open:
+            self._send(FINISH)
+        while self._workers.busy:
+            self.wait()
+
+    def _start_volume(self) -> None:
+        """The next volume, on the first worker free (waiting for one if need be)."""
+        self._workers.start()
+        while 0 not in self._writing:
+            self.wait()
+        self._number += 1
+        self._worker = self._writing.index(0)
+        self._writing[self._worker] = self._number
+        self._open = True
+
+    def _send(self, mode: int) -> None:
+        self._workers.send(self._worker, self._number, self._items, mode)
+        self._waiting.setdefault(self._number, deque()).extend(self._slots)
+        self._items, self._slots, self._part_bytes = [], [], 0
+        if mode == FINISH:
+            self._open, self._members, self._tar_bytes = False, 0, 0
+
+    def wait(self) -> None:
+        """Take one answer of a worker, if one comes within `POLL` seconds."""
+        done = self._workers.receive(POLL)
+        if done is not None:
+            self._fill(done)
+        self._on_wait()
+
+    def _fill(self, done: Done) -> None:
+        slots = self._waiting[done.number]
+        name = volume_name(self._snapshot_id, done.number)
+        slot = None
+        for line in done.stored.lines:
+            slot = slots.popleft()
+            slot.line, slot.volume, slot.done = line, name, True
+        if slot is not None and done.stored.warnings:
+            slot.warnings = done.stored.warnings
+        self.bytes_new += done.stored.bytes_new
+        if done.info is not None:
+            self.finished[done.number] = done.info
+            del self._waiting[done.number]
+            self._writing[done.worker] = 0
 
 
 class _Run:
@@ -300,6 +417,7 @@ class _Run:
         recipients: list[age.Recipient],
         cache: CatalogCache,
         progress: Progress | None,
+        workers: int,
     ) -> None:
         self.job = job
         self.repo = repo
@@ -307,16 +425,22 @@ class _Run:
         self.recipients = recipients
         self.cache = cache
         self.progress = progress
+        self.worker_count = workers
         self.tally: Counter[str] = Counter()  # becomes the record's SnapshotStats
         self.warnings: list[str] = []
         self.referenced: set[str] = set()
-        self.volumes: VolumeWriter
+        self.volumes: _Volumes
+        self._workers: Workers
         self._ordered: deque[_Line | _Held] = deque()
         self._held = 0  # unchanged entries in `_ordered`
-        self._links: dict[tuple[int, int], tuple[Entry, int]] = {}
         self._files_done = 0
         self._bytes_done = 0
         self._unchanged = [0, 0, 0]  # files, their bytes, directories
+
+    @property
+    def finished(self) -> list[VolumeInfo]:
+        """The volumes written, in order."""
+        return [info for _, info in sorted(self.volumes.finished.items())]
 
     def execute(self, previous: Iterator[Indexed]) -> ObjectInfo:
         sources = self.job.sources
@@ -324,28 +448,23 @@ class _Run:
         open_writer: OpenWriter = self.repo.open_writer
         if self.job.bandwidth_limit:
             open_writer = paced(open_writer, Throttle(int(self.job.bandwidth_limit)))
-        with (
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-writer") as writer,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hasher") as hasher,
-        ):
-            self.volumes = VolumeWriter(
-                open_writer,
-                self.snapshot_id,
-                self.recipients,
-                level=self.job.compression_level,
-                target_size=self.job.volume_size,
-                pool=pool,
-                writer=writer,
-                hasher=hasher,
-                on_read=self._read,
+        settings = VolumeSettings(
+            open_writer,
+            self.snapshot_id,
+            self.recipients,
+            level=self.job.compression_level,
+            target_size=self.job.volume_size,
+            reconnect=self.repo.storage.reconnect,
+        )
+        with Workers(self.worker_count, settings) as self._workers:
+            self.volumes = _Volumes(
+                self._workers, self.snapshot_id, self.job.volume_size, self._report
             )
             catalog = _Catalog(open_writer, self.snapshot_id, self.recipients, self.cache)
             try:
                 self._walk(walk, _Previous(previous), catalog)
                 info = catalog.close()
             except BaseException as error:
-                self.volumes.abort(error)
                 catalog.abort(error)
                 self.cache.discard(self.snapshot_id)
                 raise
@@ -354,6 +473,7 @@ class _Run:
 
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
         ordered, find, referenced = self._ordered, previous.find, self.referenced
+        volumes = self.volumes
         for found in walk:  # names bound once: this loop runs for every entry
             before = find(found.key)
             stamp = stat_fingerprint(found.stat)
@@ -365,17 +485,19 @@ class _Run:
                 else:
                     catalog.reuse(before)
                 continue
-            entry = _entry(found)
-            if self._store(entry, found):
-                self._count(entry, "new" if before is None else "changed")
-                ordered.append(_Line(entry, found.key, stamp))
-                self._emit_located(catalog)
-        self.volumes.finish_volume()
+            info = found.stat
+            change = "new" if before is None else "changed"
+            slot = _Line(found.key, stamp, mode=info.st_mode, size=info.st_size, change=change)
+            ordered.append(slot)
+            volumes.add(item(found.path, info), slot)
+            self._emit_located(catalog, EMIT_STEP)
+        volumes.finish()
         self._emit_located(catalog)
         self._tally_unchanged()
+        self.tally["bytes_new"] += volumes.bytes_new
 
     def _hold(self, before: Indexed, catalog: _Catalog) -> None:
-        """Queue an unchanged entry behind the stored ones still waiting for a location."""
+        """Queue an unchanged entry behind the stored ones whose workers have not answered."""
         tail = self._ordered[-1]
         if not isinstance(tail, _Held):
             tail = _Held()
@@ -385,24 +507,30 @@ class _Run:
         tail.count += 1
         self._held += 1
         if self._held >= BACKLOG:
-            self.volumes.flush()  # a frame cut early costs less than the wait
+            self.volumes.flush()  # a volume's part sent early costs less than the wait
             self._emit_located(catalog)
 
-    def _emit_located(self, catalog: _Catalog) -> None:
-        """Catalog lines leave in walk order, each once its member has a location."""
+    def _emit_located(self, catalog: _Catalog, limit: int = -1) -> None:
+        """Catalog lines leave in walk order, each once its member is written; at most
+        `limit` of them (if given; a run of held entries counts as one), so that the walk
+        goes on feeding the workers."""
         ordered = self._ordered
-        while ordered:
+        while limit and ordered:
             head = ordered[0]
             if isinstance(head, _Held):
                 catalog.reuse_held(head)
                 self._held -= head.count
+            elif not head.done:
+                return
             else:
-                where = head.entry.location
-                if where is None:
-                    return
-                catalog.write(encode_line(head.entry), head.key, head.stamp, where.volume)
-                self.referenced.add(where.volume)
+                if head.warnings:
+                    self.warnings += head.warnings
+                if head.line is not None:
+                    catalog.write(head.line, head.key, head.stamp, head.volume)
+                    self.referenced.add(head.volume)
+                    self._count(head)
             ordered.popleft()
+            limit -= 1
 
     def _count_unchanged(self, info: os.stat_result) -> None:
         """Plain counters, added to the tally once at the end: this runs for every
@@ -422,133 +550,24 @@ class _Run:
         files, size, directories = self._unchanged
         self.tally.update(files=files, bytes=size, files_unchanged=files, directories=directories)
 
-    def _count(self, entry: Entry, change: str) -> None:
-        if entry.type == DIRECTORY:
+    def _count(self, stored: _Line) -> None:
+        if stat.S_ISDIR(stored.mode):
             self.tally["directories"] += 1
-        elif entry.type in (FILE, HARDLINK):
+        elif stat.S_ISREG(stored.mode):
             self.tally["files"] += 1
-            self.tally["bytes"] += entry.size
-            self.tally[f"files_{change}"] += 1
-            self._files_done += 1
-            self._report()
-
-    def _read(self, count: int) -> None:
-        self._bytes_done += count
-        self._report()
+            self.tally["bytes"] += stored.size
+            self.tally[f"files_{stored.change}"] += 1
 
     def _report(self) -> None:
+        """Progress: files and bytes unchanged here, plus what the workers have read."""
         if self.progress:
-            self.progress(self._files_done, self._bytes_done)
-
-    def _store(self, entry: Entry, found: Found) -> bool:
-        """Append the entry's member to the current volume; False if it cannot be read."""
-        name = _member_name(entry)
-        owner = {
-            "mode": entry.mode,
-            "uid": entry.uid,
-            "gid": entry.gid,
-            "mtime": entry.mtime_ns // 10**9,
-            "uname": entry.user,
-            "gname": entry.group,
-        }
-        if entry.type == DIRECTORY:
-            self.volumes.add(entry, member_header(name + b"/", TAR_DIRECTORY, **owner))
-        elif entry.type == SYMLINK:
-            try:
-                entry.link = os.readlink(entry.path)
-            except OSError as error:
-                return self._warn(f"{entry.path}: cannot read link: {error.strerror}")
-            link = entry.link.encode("utf-8", "surrogateescape")
-            self.volumes.add(entry, member_header(name, TAR_SYMLINK, linkname=link, **owner))
-        elif not self._store_hardlink(entry, found, name, owner):
-            return self._store_file(entry, found, name, owner)
-        return True
-
-    def _store_hardlink(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
-        """A second name of a file already in this volume becomes a tar hardlink member."""
-        if found.stat.st_nlink < 2:
-            return False
-        first = self._links.get((found.stat.st_dev, found.stat.st_ino))
-        # 0 means no open volume: the first name was closed into a volume of its own
-        in_this_volume = (
-            first is not None and first[1] != 0 and first[1] == (self.volumes.volume_number)
-        )
-        if not in_this_volume or self.volumes.is_full:
-            return False
-        target = first[0]
-        if target.location is None:  # rare: wait for its frames, whose hashing sets its sha256
-            self.volumes.flush()
-        if target.sha256 is None:  # it shrank while being read: store this name in full
-            return False
-        entry.type, entry.link, entry.sha256 = HARDLINK, target.path, target.sha256
-        header = member_header(name, TAR_HARDLINK, linkname=_member_name(target), **owner)
-        self.volumes.add(entry, header)
-        return True
-
-    def _store_file(self, entry: Entry, found: Found, name: bytes, owner: dict) -> bool:
-        try:
-            fd = open_for_reading(entry.path)
-        except FileNotFoundError:
-            return self._warn(f"{entry.path}: vanished before it could be read")
-        except OSError as error:
-            return self._warn(f"{entry.path}: not backed up: {error.strerror}")
-        try:
-            header = member_header(name, REGULAR, size=entry.size, **owner)
-            self.warnings += self.volumes.add(entry, header, fd)
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if (after.st_size, after.st_mtime_ns) != (entry.size, entry.mtime_ns):
-            self.warnings.append(f"{entry.path}: changed while being read")
-        if found.stat.st_nlink > 1:
-            self._links[(found.stat.st_dev, found.stat.st_ino)] = (
-                entry,
-                self.volumes.volume_number,
-            )
-        self.tally["bytes_new"] += entry.size
-        return True
-
-    def _warn(self, message: str) -> bool:
-        self.warnings.append(message)
-        return False
+            files, size = self._workers.progress()
+            self.progress(self._files_done + files, self._bytes_done + size)
 
 
-def _entry(found: Found) -> Entry:
-    info = found.stat
-    kind = (
-        DIRECTORY if stat.S_ISDIR(info.st_mode) else SYMLINK if stat.S_ISLNK(info.st_mode) else FILE
-    )
-    return Entry(
-        path=found.path,
-        type=kind,
-        mode=stat.S_IMODE(info.st_mode),
-        uid=info.st_uid,
-        gid=info.st_gid,
-        user=_user(info.st_uid),
-        group=_group(info.st_gid),
-        mtime_ns=info.st_mtime_ns,
-        ctime_ns=info.st_ctime_ns,
-        inode=info.st_ino,
-        size=info.st_size if kind == FILE else 0,
-    )
-
-
-def _member_name(entry: Entry) -> bytes:
-    """Relative names, as GNU tar writes them: extraction lands under the current dir."""
-    return entry.path.lstrip("/").encode("utf-8", "surrogateescape") or b"."
-
-
-@lru_cache(maxsize=1024)
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return ""
-
-
-@lru_cache(maxsize=1024)
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return ""
+def default_workers() -> int:
+    """`MUSTER_BACKUP_WORKERS`, else one worker process per core this process may use."""
+    configured = os.environ.get("MUSTER_BACKUP_WORKERS")
+    if configured:
+        return max(1, int(configured))
+    return max(1, len(os.sched_getaffinity(0)))

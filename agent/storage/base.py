@@ -247,6 +247,12 @@ class Storage(ABC):
     def _relative(self, key: str) -> str:
         return key[len(self.root) + 1 :] if self.root else key
 
+    def reconnect(self) -> None:
+        """Forget every connection, in a forked process: a socket shared with the parent
+        would mix both sides' requests. Backends that keep connections override this;
+        a local directory has none."""
+        return
+
     def put(self, name: str, stream: BinaryIO, size_hint: int | None = None) -> int:
         """Store everything `stream` yields as `name`, atomically; returns the bytes stored."""
         with self.open_writer(name, size_hint) as writer:

@@ -135,6 +135,9 @@ class S3Storage(Storage):
         self.client = make_client(config, tuning)
         self._bucket_checked = False
 
+    def reconnect(self) -> None:
+        self.client = make_client(self._config, self.tuning)
+
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         """Turn botocore failures into storage errors that say what to check."""

@@ -204,6 +204,12 @@ class SwiftStorage(Storage):
 
     # -- connections ---------------------------------------------------------------------
 
+    def reconnect(self) -> None:
+        config = self._config
+        self._keystone = _keystone(config, self.tuning.timeout) if self._keystone else None
+        self._idle = []
+        self._lock = threading.Lock()
+
     def _connect(self) -> _Connection:
         config, tuning = self._config, self.tuning
         options: dict[str, Any] = {"region_name": config.region, "endpoint_type": config.interface}

@@ -134,10 +134,9 @@ def test_with_the_index_no_catalog_line_is_decoded(tmp_path, monkeypatch):
 
 
 def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch):
-    """One changed file amid many unchanged ones: its frame is cut early rather than
-    holding every following line until a megabyte of new data arrives."""
+    """One changed file amid many unchanged ones: its volume's part is sent to a worker
+    early, and written, rather than holding every following line until the volume ends."""
     from agent.actions import backup
-    from agent.volumes import VolumeWriter
 
     node = local_node(tmp_path)
     many = node.source / "many"
@@ -147,11 +146,12 @@ def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch)
     node.backup()
     (node.source / "data" / "name with spaces, ünïcode\nand newline").write_text("changed\n")
     flushes = []
-    flush = VolumeWriter.flush
+    flush = backup._Volumes.flush
     monkeypatch.setattr(backup, "BACKLOG", 8)
-    monkeypatch.setattr(VolumeWriter, "flush", lambda self: (flushes.append(1), flush(self)))
+    monkeypatch.setattr(backup._Volumes, "flush", lambda self: (flushes.append(1), flush(self)))
     again = node.backup().record
-    assert flushes, "the backlog never forced a frame out"
+    assert flushes, "the backlog never forced the open volume's members out"
+    assert len(again.volumes) == 1, "a flush cut the volume short"
     assert again.stats.files_changed == 1 and again.stats.files_unchanged == 66
     out = tmp_path / "out"
     assert node.restore(out).errors == []

@@ -200,18 +200,24 @@ def test_sockets_and_fifos_are_skipped_with_a_note(tmp_path):
 # -- files that move under our feet ------------------------------------------------------
 
 
-def test_files_that_vanish_or_shrink_during_the_run_are_warnings(tmp_path):
+def test_files_that_vanish_or_shrink_during_the_run_are_warnings(tmp_path, monkeypatch):
+    from agent import members
+
     node = Node(tmp_path, {"kind": "local", "path": str(tmp_path / "repo")})
     for name in ("a", "b", "c", "d"):
         (node.source / name).write_bytes(name.encode() * 1000)
+    real_open = members.open_for_reading
 
-    def meddle(files_done: int, bytes_done: int) -> None:
-        if files_done == 1 and (node.source / "b").exists():
-            # "a" is done; "b" and "c" were listed and stat'ed already
+    def meddle(path: str) -> int:
+        """In the worker process (forked after this patch): as it opens "a", "b" and "c"
+        were listed and stat'ed already."""
+        if path.endswith("/a"):
             (node.source / "b").unlink()
             (node.source / "c").write_bytes(b"short")
+        return real_open(path)
 
-    outcome = node.backup(progress=meddle)
+    monkeypatch.setattr(members, "open_for_reading", meddle)
+    outcome = node.backup()
     assert any("b: vanished" in w for w in outcome.warnings)
     assert any("c: shrank while being read" in w for w in outcome.warnings)
     assert outcome.record.stats.files == 3
@@ -289,7 +295,7 @@ def test_an_upload_cut_mid_volume_leaves_no_snapshot_and_the_next_run_succeeds(
 
     monkeypatch.setattr(node.storage, "open_writer", Cutter)
     with pytest.raises(CutUpload):
-        node.backup()
+        node.backup(workers=1)  # one worker: the first volume is surely committed by then
     assert node.repo.snapshots() == []
     assert not [n for n in node.repo.names("volumes/") if "/00002." in n]
     leftovers = node.repo.leftovers()

@@ -925,17 +925,17 @@ def test_a_stop_request_interrupts_a_backup_and_leaves_no_snapshot(
     agent = make_agent(tmp_path, signing)
     hooks = {"post": [{"command": "echo post ran $MUSTER_STATUS"}]}
     agent.receive_plan(encode(sign_plan(backup_plan(tmp_path, source, hooks=hooks), signing)))
-    import agent.volumes as volumes
+    import agent.daemon_run as daemon_run
 
     reads = []
-    original = volumes.VolumeWriter._copy
+    original = daemon_run._Progress.__call__
 
-    def copy_then_stop(self, entry, content):
-        reads.append(entry.path)
-        agent.stop()  # as SIGTERM would, while a file is being read
-        return original(self, entry, content)
+    def report_then_stop(self, files, bytes_done):
+        reads.append(bytes_done)
+        agent.stop()  # as SIGTERM would, while the backup's workers read files
+        return original(self, files, bytes_done)
 
-    monkeypatch.setattr(volumes.VolumeWriter, "_copy", copy_then_stop)
+    monkeypatch.setattr(daemon_run._Progress, "__call__", report_then_stop)
     agent._execute(Task("src", "backup", datetime.now(UTC)))
     (found,) = spooled(agent, RunResult)
     assert found.status == "interrupted" and reads

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from agent.throttle import Throttle
@@ -37,3 +39,16 @@ def test_idle_time_earns_at_most_one_second_of_burst():
 def test_a_limit_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         Throttle(0)
+
+
+def test_processes_forked_after_it_draw_from_one_bucket():
+    """A backup's worker processes upload in parallel: the limit is for all of them."""
+    clock = Clock()
+    throttle = Throttle(1000, clock, clock.sleep)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        throttle(1000)  # spends the whole burst
+        os._exit(0)
+    os.waitpid(pid, 0)
+    throttle(500)
+    assert clock.slept == [pytest.approx(0.5)]

@@ -45,7 +45,7 @@ def volume_writer(objects: Objects, *, level: int, target_size: int) -> Iterator
     ):
         yield VolumeWriter(
             objects.open_writer,
-            "20260101T000000Z-abcdef",
+            "volumes/20260101T000000Z-abcdef/00001.tar.zst.age",
             [KEY.recipient],
             level=level,
             target_size=target_size,
@@ -109,7 +109,7 @@ def test_every_member_is_located_and_reads_back_alone(size):
         small = add_file(writer, "/a/small", b"before\n")
         big = add_file(writer, "/a/big", data)
         after = add_file(writer, "/a/after", b"after\n")
-        writer.finish_volume()
+        writer.finish()
     (volume,) = objects.values()
     assert member_at(volume, small) == b"before\n"
     assert member_at(volume, big) == data
@@ -122,15 +122,14 @@ def test_the_whole_volume_is_one_standard_tar_zst_age_stream():
     with volume_writer(objects, level=3, target_size=1 << 20) as writer:
         for number in range(40):
             add_file(writer, f"/files/{number:03d}", bytes([number]) * 100_000)
-        writer.finish_volume()
-    assert len(objects) == 4 and len(writer.finished) == 4  # rotated near 1 MiB of tar
-    names = []
-    for name in sorted(objects):
-        plain = zstandard.ZstdDecompressor().stream_reader(
-            io.BytesIO(age.decrypt_bytes(objects[name], [KEY])), read_across_frames=True
-        )
-        with tarfile.open(fileobj=plain, mode="r|") as archive:
-            names += [member.name for member in archive]
+        info = writer.finish()
+    (name,) = objects  # one volume, whatever the target: the backup decides where they end
+    assert info.name == name and info.members == 40 and info.size == len(objects[name])
+    plain = zstandard.ZstdDecompressor().stream_reader(
+        io.BytesIO(age.decrypt_bytes(objects[name], [KEY])), read_across_frames=True
+    )
+    with tarfile.open(fileobj=plain, mode="r|") as archive:
+        names = [member.name for member in archive]
     assert names == [f"files/{n:03d}" for n in range(40)]
 
 
@@ -143,7 +142,7 @@ def test_with_frames_written_behind_the_tar_stream_every_location_holds_its_memb
         entries = [
             add_file(writer, f"/many/{n:03d}", bytes([n]) * size) for n, size in enumerate(sizes)
         ]
-        writer.finish_volume()
+        writer.finish()
     (volume,) = objects.values()
     frames = [entry.location.frame for entry in entries]
     assert frames == sorted(frames) and len(set(frames)) > 10
