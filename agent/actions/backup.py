@@ -50,11 +50,12 @@ from broker.snapshot import (
 )
 from broker.types import utcnow
 
-# Catalog lines held back, at most, behind a member not written yet: a few changed files
-# amid unchanged ones would otherwise keep one volume open for a long stretch of the walk
-# and hold every line after them (about 1 KiB each) in memory; past this, the open
-# volume's worker writes what it has (the volume stays open) and sends its lines.
+# Catalog lines held behind members not written yet (a few changed files amid unchanged
+# ones keep one volume open for a long stretch of the walk): every BACKLOG of them, the
+# open volume's worker is asked to write what it has and send its lines (the volume stays
+# open) while the walk goes on; past HOLD_LIMIT (about 0.5 KiB each) the walk waits.
 BACKLOG = 4096
+HOLD_LIMIT = 4 * BACKLOG
 MEMBERS_PER_VOLUME = 16384
 PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts this size
 # Lines written, at most, per entry the walk sends: a volume's 16k lines, written at once
@@ -329,6 +330,7 @@ class _Volumes:
         self._items: list[Item] = []  # the open volume's, not sent yet
         self._slots: list[_Line] = []
         self._part_bytes = 0
+        self._unanswered = False  # entries of the open volume that no answer will cover
         self._waiting: dict[int, deque[_Line]] = {}  # per volume: lines its worker owes
         self.finished: dict[int, VolumeInfo] = {}
         self.bytes_new = 0
@@ -344,6 +346,7 @@ class _Volumes:
             self._start_volume()
         self._items.append(entry)
         self._slots.append(slot)
+        self._unanswered = True
         self._members += 1
         self._tar_bytes += BLOCK + size + -size % BLOCK
         self._part_bytes += size
@@ -354,10 +357,19 @@ class _Volumes:
 
     def flush(self) -> None:
         """Every entry added so far stored, and its line filled in."""
-        if self._open:
-            self._send(FLUSH)
+        self.request_flush()
         while self._workers.busy:
             self.wait()
+
+    def request_flush(self) -> None:
+        """Ask the open volume's worker for the lines of all it was sent, without waiting."""
+        if self._open and self._unanswered:
+            self._send(FLUSH)
+
+    def collect(self) -> None:
+        """Fill in the lines of the answers that have come, without waiting."""
+        while (done := self._workers.receive(0)) is not None:
+            self._fill(done)
 
     def finish(self) -> None:
         """The last volume sent, and every volume committed."""
@@ -380,6 +392,7 @@ class _Volumes:
         self._workers.send(self._worker, self._number, self._items, mode)
         self._waiting.setdefault(self._number, deque()).extend(self._slots)
         self._items, self._slots, self._part_bytes = [], [], 0
+        self._unanswered = mode == PART
         if mode == FINISH:
             self._open, self._members, self._tar_bytes = False, 0, 0
 
@@ -433,6 +446,7 @@ class _Run:
         self._workers: Workers
         self._ordered: deque[_Line | _Held] = deque()
         self._held = 0  # unchanged entries in `_ordered`
+        self._since_check = 0  # entries held since the open volume's worker was last asked
         self._files_done = 0
         self._bytes_done = 0
         self._unchanged = [0, 0, 0]  # files, their bytes, directories
@@ -506,9 +520,16 @@ class _Run:
         tail.records += before.record
         tail.count += 1
         self._held += 1
-        if self._held >= BACKLOG:
-            self.volumes.flush()  # a volume's part sent early costs less than the wait
+        self._since_check += 1
+        if self._since_check >= BACKLOG:
+            self._since_check = 0
+            volumes = self.volumes
+            volumes.request_flush()  # a volume's part sent early costs less than the wait
+            volumes.collect()
             self._emit_located(catalog)
+            if self._held >= HOLD_LIMIT:
+                volumes.flush()
+                self._emit_located(catalog)
 
     def _emit_located(self, catalog: _Catalog, limit: int = -1) -> None:
         """Catalog lines leave in walk order, each once its member is written; at most

@@ -133,10 +133,13 @@ def test_with_the_index_no_catalog_line_is_decoded(tmp_path, monkeypatch):
     assert again.stats.files_unchanged == again.stats.files == 7
 
 
-def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hold_limit", [8, 1 << 20], ids=["walk-waits", "walk-goes-on"])
+def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch, hold_limit):
     """One changed file amid many unchanged ones: its volume's part is sent to a worker
-    early, and written, rather than holding every following line until the volume ends."""
+    early, and written, rather than holding every following line until the volume ends;
+    past the hold limit the walk waits for the worker's answer."""
     from agent.actions import backup
+    from agent.workers import FLUSH
 
     node = local_node(tmp_path)
     many = node.source / "many"
@@ -145,12 +148,15 @@ def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch)
         (many / f"{number:02d}").write_text(f"file {number}\n")
     node.backup()
     (node.source / "data" / "name with spaces, ünïcode\nand newline").write_text("changed\n")
-    flushes = []
-    flush = backup._Volumes.flush
+    sent, waits = [], []
+    send, flush = backup._Volumes._send, backup._Volumes.flush
     monkeypatch.setattr(backup, "BACKLOG", 8)
-    monkeypatch.setattr(backup._Volumes, "flush", lambda self: (flushes.append(1), flush(self)))
+    monkeypatch.setattr(backup, "HOLD_LIMIT", hold_limit)
+    monkeypatch.setattr(backup._Volumes, "_send", lambda self, m: (sent.append(m), send(self, m)))
+    monkeypatch.setattr(backup._Volumes, "flush", lambda self: (waits.append(1), flush(self)))
     again = node.backup().record
-    assert flushes, "the backlog never forced the open volume's members out"
+    assert FLUSH in sent, "the backlog never asked the open volume's worker for its lines"
+    assert bool(waits) == (hold_limit == 8), "the walk waited below the limit, or not past it"
     assert len(again.volumes) == 1, "a flush cut the volume short"
     assert again.stats.files_changed == 1 and again.stats.files_unchanged == 66
     out = tmp_path / "out"
