@@ -15,8 +15,9 @@ backup in a forked child process (agent.daemon_run).
 - backup: a fresh agent gets a plan whose job runs every 60 s (splay 0, restore tests
   off) over a dataset into a local-directory target; it runs at the next minute. From
   start until the snapshot record is written: the daemon's peak RSS (samples and VmHWM),
-  the run process's VmHWM, and the peak PSS of daemon plus children (a forked run shares
-  pages with the daemon: the sum of their RSS would count those twice); then the daemon's RSS
+  the largest VmHWM of its descendants (the run process and the backup's worker
+  processes), and the peak PSS of the whole tree (forked processes share pages: the sum
+  of their RSS would count those several times); then the daemon's RSS
   `AFTER_RUN` s later, idle again after its first run. Datasets: `bench/dataset.py` at
   `--scale` (1.0 is about 1 GiB), and `--small` trees of that many small files (0 to
   2 KiB, 100 per directory), to see whether memory grows with the number of files.
@@ -89,6 +90,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Children, their children and so on: a run forks the backup's worker processes."""
+    found = children(pid)
+    for child in list(found):
+        found += descendants(child)
+    return found
+
+
 def pss(pid: int) -> int:
     """Proportional set size in bytes: shared pages divided among their sharers."""
     with contextlib.suppress(OSError, ValueError):
@@ -99,16 +108,16 @@ def pss(pid: int) -> int:
 
 
 class Watch:
-    """VmRSS of one process and of its children (the agent's runs) every 0.2 s, on a
-    thread. `samples` are the daemon's own VmRSS, `totals` the PSS of daemon plus
-    children: a forked run shares pages with the daemon, which RSS would count twice."""
+    """VmRSS of one process and of its descendants (the agent's runs and their backup
+    workers) every 0.2 s, on a thread. `samples` are the daemon's own VmRSS, `totals` the
+    PSS of the whole tree: forked processes share pages, which RSS would count twice."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.samples: list[tuple[float, int]] = []
         self.totals: list[int] = []
         self.hwm = 0
-        self.child_hwm = 0  # the largest VmHWM seen of any one child
+        self.child_hwm = 0  # the largest VmHWM seen of any one descendant
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -119,7 +128,7 @@ class Watch:
             status = proc_status(self.pid)
             if status["VmRSS"]:
                 total = pss(self.pid)
-                for child in children(self.pid):
+                for child in descendants(self.pid):
                     total += pss(child)
                     self.child_hwm = max(self.child_hwm, proc_status(child)["VmHWM"])
                 self.samples.append((time.monotonic() - started, status["VmRSS"]))
