@@ -587,8 +587,14 @@ class _Run:
 
 
 def default_workers() -> int:
-    """`MUSTER_BACKUP_WORKERS`, else one worker process per core this process may use."""
-    configured = os.environ.get("MUSTER_BACKUP_WORKERS")
-    if configured:
-        return max(1, int(configured))
-    return max(1, len(os.sched_getaffinity(0)))
+    """`MUSTER_BACKUP_WORKERS`, else one worker process per core this process may use
+    (so `CPUAffinity=` or `taskset` also bounds a backup's processes, and their memory)."""
+    configured = os.environ.get("MUSTER_BACKUP_WORKERS", "").strip()
+    if not configured:
+        return max(1, len(os.sched_getaffinity(0)))
+    if not configured.isdigit() or int(configured) < 1:
+        raise ValueError(
+            f"MUSTER_BACKUP_WORKERS={configured!r}: set a number of worker processes, "
+            "1 or more, or unset it for one per core"
+        )
+    return int(configured)
