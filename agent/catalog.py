@@ -12,6 +12,7 @@ sorted directories produces them, so catalogs can be merged as streams.
 import io
 import json
 import json.scanner
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -21,6 +22,13 @@ import zstandard
 _quote = json.encoder.encode_basestring  # a JSON string, non-ASCII kept as it is
 
 FILE, DIRECTORY, SYMLINK, HARDLINK = "file", "dir", "symlink", "hardlink"
+# The file-type bits of each entry type: a hard link is a second name of a regular file.
+TYPE_BITS = {
+    FILE: stat.S_IFREG,
+    HARDLINK: stat.S_IFREG,
+    DIRECTORY: stat.S_IFDIR,
+    SYMLINK: stat.S_IFLNK,
+}
 
 
 @dataclass(slots=True)

@@ -37,7 +37,7 @@ from agent.actions.restore import RestoreOutcome, absolute, choose_snapshots, ru
 from agent.actions.verify import VerifyOutcome, run_verify
 from agent.actions.versions import Version, run_versions
 from agent.archive import Archive, NoSnapshot, inside
-from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry
+from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, TYPE_BITS, Entry
 from agent.context import CommandError, RepoContext, repo_command, repository_key
 from agent.display import TransferProgress, human_duration, human_size
 from agent.retention import POLICY_EMPTY
@@ -493,14 +493,11 @@ def _ls_rows(listing: Listing, alone: Entry | None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["name"])
 
 
-_TYPE_BITS = {FILE: stat.S_IFREG, HARDLINK: stat.S_IFREG, DIRECTORY: stat.S_IFDIR}
-
-
 def _ls_cells(row: dict[str, Any]) -> tuple[str, str, str, str, str]:
     if row["implied"]:
         return "d?????????", "", "", "", row["name"] + "/"
     kind = row["type"]
-    mode = stat.filemode(_TYPE_BITS.get(kind, stat.S_IFLNK) | int(row["mode"], 8))
+    mode = stat.filemode(TYPE_BITS.get(kind, stat.S_IFLNK) | int(row["mode"], 8))
     owner = f"{row['user'] or row['uid']}:{row['group'] or row['gid']}"
     size = "" if kind in (DIRECTORY, SYMLINK) else human_size(row["size"])
     modified = datetime.fromisoformat(row["mtime"]).astimezone().strftime("%Y-%m-%d %H:%M")

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import zstandard
 
@@ -182,28 +182,39 @@ def background_compressor(level: int) -> zstandard.ZstdCompressor:
 INDEX_LEVEL = -3
 
 
-class IndexWriter:
-    """Writes index records, zstd-compressed at `INDEX_LEVEL`."""
+class ChunkedCompressor:
+    """A zstd stream fed in 256 KiB chunks: one compressor call per chunk, where one per
+    catalog line or index record would cost more than the compression itself."""
 
-    def __init__(self, sink: BinaryIO) -> None:
-        self._sink = sink
-        self._zstd = background_compressor(INDEX_LEVEL).stream_writer(sink, closefd=False)
-        self._buffer = bytearray(_MAGIC)
+    def __init__(self, level: int, sink: Any, start: bytes = b"") -> None:
+        self._zstd = background_compressor(level).stream_writer(sink, closefd=False)
+        self._buffer = bytearray(start)
 
-    def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:
-        self.copy(_record(key, fingerprint, line, volume))
-
-    def copy(self, record: bytes | bytearray) -> None:
-        """Append a record as `Indexed.record` holds it (or several, back to back)."""
+    def write(self, data: bytes | bytearray) -> None:
         buffer = self._buffer
-        buffer += record
-        if len(buffer) >= 1 << 18:  # one compressor call per 256 KiB
+        buffer += data
+        if len(buffer) >= 1 << 18:
             self._zstd.write(buffer)
             buffer.clear()
 
     def close(self) -> None:
         self._zstd.write(self._buffer)
         self._zstd.close()
+
+
+class IndexWriter(ChunkedCompressor):
+    """Writes index records, zstd-compressed at `INDEX_LEVEL`; `write` takes records as
+    `Indexed.record` holds them (or several, back to back)."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        super().__init__(INDEX_LEVEL, sink, _MAGIC)
+        self._sink = sink
+
+    def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:
+        self.write(_record(key, fingerprint, line, volume))
+
+    def close(self) -> None:
+        super().close()
         self._sink.flush()
         os.fsync(self._sink.fileno())
 

@@ -5,13 +5,14 @@ which members go into which volume is decided by the main process. One pass, not
 staged on disk. The tar stream is cut into independent zstd frames, a
 new frame at the first member boundary past `FRAME_TARGET` bytes (and inside members
 every `FRAME_MAX` bytes), so that one file can later be restored by fetching only the age
-chunks that hold its frames. Frames are compressed on a thread pool while the next one
-fills; at most `IN_FLIGHT` frames are held, so memory does not grow with the data.
+chunks that hold its frames. Frames are compressed on the worker's compression thread
+while the next one fills; at most `IN_FLIGHT` frames are held, so memory does not grow
+with the data.
 Members' sha256 are computed from the cut frames on one hasher thread, in frame order (a
 big file's digest is fed frame by frame), so hashing overlaps reading the next files;
 a member is located only once its frames are hashed, so `location` implies `sha256`.
 Compressed frames are encrypted, hashed and written on one writer thread, in order (all
-three release the GIL), so the walk and the tar stream go on meanwhile; at most
+three release the GIL), so reading the next files goes on meanwhile; at most
 `WRITES_QUEUED` frames wait for it. Locations depend only on compressed sizes, so they
 are known before the bytes are written; nothing is visible before the volume commits.
 """
@@ -71,7 +72,6 @@ class _Volume:
     stack: contextlib.ExitStack
     sink: HashingSink
     encryptor: age.Encryptor
-    tar_bytes: int = 0
     members: int = 0
     position: int = 0  # bytes of zstd output written so far: offsets in the decrypted stream
     frame_starts: dict[int, int] = field(default_factory=dict)
@@ -168,7 +168,6 @@ class VolumeWriter:
         if pad:
             self._frame += bytes(pad)
         pending.last_frame = self._frame_index
-        volume.tar_bytes += len(header) + size + pad
         volume.members += 1
         return warnings
 

@@ -40,7 +40,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from bench.ingest import node_event
 from broker.codec import encode
 from broker.topology import DEAD_QUEUE, PERSISTENT_TYPES, REPORTER_QUEUE, RULEENGINE_QUEUE
 from broker.topology import routing_key as key_of
+from muster.mongo import free_port
 
 QUEUES = (RULEENGINE_QUEUE.name, REPORTER_QUEUE.name, DEAD_QUEUE.name)
 WRITTEN = re.compile(rb'^muster_reporter_messages_total\{type="[a-z_]+"\} ([0-9.e+]+)$', re.M)
@@ -64,12 +64,6 @@ RUN_STEPS = (6, 7, 8, 9)  # bench.ingest's cycle: three run_status, then the run
 
 
 # -- the reporter process --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

@@ -18,10 +18,14 @@ def encode(message: Message) -> bytes:
     return message.model_dump_json().encode()
 
 
-def parse_json(body: bytes) -> dict:
-    """Decode a body to a JSON object, refusing oversized and non-object payloads."""
+def _check_size(body: bytes) -> None:
     if len(body) > MAX_MESSAGE_BYTES:
         raise InvalidMessage(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES} bytes")
+
+
+def parse_json(body: bytes) -> dict:
+    """Decode a body to a JSON object, refusing oversized and non-object payloads."""
+    _check_size(body)
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -43,8 +47,7 @@ def decode(body: bytes) -> AnyMessage:
     """Validate the raw body in one pass (pydantic's own JSON parser: about 1.4x faster
     than json.loads then validate). A body it refuses goes through the two-step path
     again only to name the problem the same way, whatever the parser."""
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES} bytes")
+    _check_size(body)
     try:
         return _any_message.validate_json(body)
     except ValidationError:

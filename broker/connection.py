@@ -47,7 +47,17 @@ def connect(urls: Sequence[str], heartbeat: int = 20, connect_timeout: float = 1
     )
 
 
-class Publisher:
+class _TracksReturns:
+    """Mandatory publishing: RabbitMQ hands an unroutable message back before it confirms
+    it; its id is kept in `_returned` (each class makes the set)."""
+
+    _returned: set[str]
+
+    def _on_return(self, error: Exception, exchange: str, key: str, returned: Any) -> None:
+        self._returned.add(returned.properties.get("message_id", ""))
+
+
+class Publisher(_TracksReturns):
     """Publishes contract messages with confirms, persistence and retries."""
 
     def __init__(self, channel: Any, retry_policy: dict[str, Any] | None = None):
@@ -64,9 +74,6 @@ class Publisher:
             self._returned.discard(message.id)
             return False
         return True
-
-    def _on_return(self, error: Exception, exchange: str, key: str, returned: Any) -> None:
-        self._returned.add(returned.properties.get("message_id", ""))
 
     def dead_letter(self, delivery: Delivery, reason: str, queue: str) -> None:
         """Park a message we cannot process, byte for byte, with the reason an operator
@@ -92,6 +99,8 @@ def publish_options(message: Message) -> dict[str, Any]:
     """Where a contract message goes, and whether it must survive a broker restart."""
     exchange = PLANS if message.type == "plan" else EVENTS
     return {
+        "content_type": CONTENT_TYPE,
+        "content_encoding": "utf-8",
         "exchange": exchange.name,
         "routing_key": routing_key(message),
         "message_id": message.id,
@@ -100,7 +109,7 @@ def publish_options(message: Message) -> dict[str, Any]:
     }
 
 
-class BatchPublisher:
+class BatchPublisher(_TracksReturns):
     """Publishes as mandatory without waiting for each confirm; `confirm()` then waits for
     all of them at once: one round trip for a batch instead of one per message.
 
@@ -123,9 +132,8 @@ class BatchPublisher:
 
     def publish(self, message: Message) -> None:
         producer = self._producer or self._open()
-        options = {"content_type": CONTENT_TYPE, "content_encoding": "utf-8"}
         try:
-            producer.publish(encode(message), mandatory=True, **options, **publish_options(message))
+            producer.publish(encode(message), mandatory=True, **publish_options(message))
         except Exception:
             self.reset()
             raise
@@ -189,9 +197,6 @@ class BatchPublisher:
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
         self._nacked = True
         self._on_ack(delivery_tag, multiple)
-
-    def _on_return(self, error: Exception, exchange: str, key: str, returned: Any) -> None:
-        self._returned.add(returned.properties.get("message_id", ""))
 
 
 def acknowledge(deliveries: Sequence[Delivery]) -> None:

@@ -53,6 +53,11 @@ class ReporterSettings(MusterSettings):
         "is on disk before its messages are acknowledged",
     )
 
+    @property
+    def mongo_location(self) -> str:
+        """The MongoDB address without the user and password, for messages and logs."""
+        return self.mongo_url.split("@")[-1]
+
     # -- batching ------------------------------------------------------------------------
     batch_size: int = Field(default=1000, ge=1, le=10_000, description="deliveries per write")
     flush_interval: float = Field(

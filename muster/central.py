@@ -53,8 +53,9 @@ class Central:
         try:
             self.store.ensure_indexes()
         except PyMongoError as error:
-            where = settings.mongo_url.split("@")[-1]
-            raise CentralError(f"cannot reach MongoDB at {where}: {error}") from None
+            raise CentralError(
+                f"cannot reach MongoDB at {settings.mongo_location}: {error}"
+            ) from None
         self.engine = RuleEngine(
             self._connect(),
             RulesWatcher(settings.rules),

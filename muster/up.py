@@ -22,6 +22,7 @@ from broker.cli import settings_options
 from broker.up_config import UpSettings
 from muster.central import Central, CentralError
 from muster.mongo import MongoUnavailable
+from reporter.cli import mongo_options
 from ruleengine.cli import engine_options
 
 
@@ -73,7 +74,7 @@ def wait_for_interrupt() -> None:
     ".services/venv-secantus/bin/secantusd-py, then the PATH]",
 )
 @engine_options
-@click.option("--mongo-url", help="MongoDB URI [env MUSTER_MONGO_URL]")
+@mongo_options
 @settings_options
 def up_command(
     embedded: bool,
@@ -83,6 +84,7 @@ def up_command(
     rules: Path | None,
     signing_key: Path | None,
     mongo_url: str | None,
+    database: str | None,
     config_file: Path | None,
     broker_url: str | None,
 ) -> None:
@@ -97,10 +99,10 @@ def up_command(
     """
     if not embedded and (keep_running or workdir or secantusd):
         raise click.UsageError("--keep-running, --workdir and --secantusd go with --embedded")
-    if embedded and (rules or signing_key or mongo_url or config_file or broker_url):
+    if embedded and (rules or signing_key or mongo_url or database or config_file or broker_url):
         raise click.UsageError(
             "--embedded brings its own broker, MongoDB, rules and key: drop --rules, "
-            "--signing-key, --mongo-url, --config and --broker-url"
+            "--signing-key, --mongo-url, --database, --config and --broker-url"
         )
     with signals_interrupt():
         try:
@@ -113,6 +115,7 @@ def up_command(
                 rules=rules,
                 signing_key=signing_key,
                 mongo_url=mongo_url,
+                database=database,
             )
             run_central(settings)
         except KeyboardInterrupt:
@@ -125,7 +128,7 @@ def run_central(settings: UpSettings) -> None:
         central.start()
         click.echo(
             f"muster up: rule engine ({settings.rules}) and reporter "
-            f"({settings.mongo_url.split('@')[-1]} database {settings.database}) on "
+            f"({settings.mongo_location} database {settings.database}) on "
             f"{central.engine.connection.as_uri()}; Ctrl-C stops",  # type: ignore[union-attr]
             err=True,
         )

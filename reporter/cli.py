@@ -53,9 +53,9 @@ def open_store(settings: ReporterSettings, instance: str = "cli") -> Store:
     try:
         store.client.admin.command("ping")
     except PyMongoError as error:
-        where = settings.mongo_url.split("@")[-1]
+        reason = str(error).splitlines()[0][:300]
         raise click.ClickException(
-            f"cannot reach MongoDB at {where}: {str(error).splitlines()[0][:300]}\n"
+            f"cannot reach MongoDB at {settings.mongo_location}: {reason}\n"
             "Point MUSTER_MONGO_URL (or --mongo-url, or mongo_url in the config file) at it."
         ) from None
     return store

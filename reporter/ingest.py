@@ -249,6 +249,15 @@ def run_id_of(node: str, run_id: str) -> str:
     return f"{node}/{run_id}"
 
 
+def split_run(
+    messages: Sequence[RunStatus | RunResult],
+) -> tuple[list[RunResult], list[RunStatus]]:
+    """A run's results and its progress statuses."""
+    results = [message for message in messages if isinstance(message, RunResult)]
+    statuses = [message for message in messages if isinstance(message, RunStatus)]
+    return results, statuses
+
+
 def progress_of(status: RunStatus) -> dict[str, Any]:
     return {
         "time": status.time,
@@ -292,8 +301,7 @@ def run_fast(
     """The fast write for one run: progress with operators; a result with progress in the
     same batch (the whole run, most likely, so no document yet) as an insert, which costs
     SecantusDB less than half an upsert; a lone result has none (its `$set` is plain)."""
-    results = [message for message in messages if isinstance(message, RunResult)]
-    statuses = [message for message in messages if isinstance(message, RunStatus)]
+    results, statuses = split_run(messages)
     if not results:
         return progress_fast(node, run_id, statuses)
     if not statuses:
@@ -305,8 +313,7 @@ def run_fast(
 
 def run_update(node: str, run_id: str, messages: Sequence[RunStatus | RunResult]) -> UpdateOne:
     """One run: its result, if the batch holds one, else its newest progress."""
-    results = [message for message in messages if isinstance(message, RunResult)]
-    statuses = [message for message in messages if isinstance(message, RunStatus)]
+    results, statuses = split_run(messages)
     key = {"_id": run_id_of(node, run_id)}
     if results:
         result = newest(results)

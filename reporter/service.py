@@ -199,6 +199,7 @@ class Reporter(ContractConsumer):
         self._writing: Batch | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reporter-writer")
         self._generation = 0
+        self._channel: Any = None  # the consuming channel, once consuming
         self._oldest = 0.0
         self._retry_at = 0.0
         self._failures = 0
@@ -227,11 +228,12 @@ class Reporter(ContractConsumer):
         self._generation += 1
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Sequence[Any]) -> None:
+        self._channel = channel  # kombu consumes on a clone of self.connection
         log.info(
             "reporter %s consuming %s into %s/%s; batches of %d, prefetch %d",
             self.instance,
             REPORTER_QUEUE.name,
-            self.settings.mongo_url.split("@")[-1],
+            self.settings.mongo_location,
             self.settings.database,
             self.settings.batch_size,
             self._prefetch,
@@ -359,11 +361,11 @@ class Reporter(ContractConsumer):
 
     def queue_depth(self) -> int | None:
         """Messages waiting in `muster.reporter` (not those delivered and unacknowledged),
-        by a passive declare on the consuming channel; None when the broker cannot say."""
+        by a passive declare on the consuming channel (the connection's own before
+        consuming starts); None when the broker cannot say."""
+        channel = self._channel or self.connection.default_channel
         try:
-            declared = self.connection.default_channel.queue_declare(
-                queue=REPORTER_QUEUE.name, passive=True
-            )
+            declared = channel.queue_declare(queue=REPORTER_QUEUE.name, passive=True)
         except Exception as error:  # the broker is away: judge by the wall clock
             log.warning("cannot read the depth of %s: %s", REPORTER_QUEUE.name, error)
             return None

@@ -197,7 +197,8 @@ class RuleEngine(ContractConsumer):
         plans, self._unconfirmed = self._unconfirmed, {}
         try:
             for returned in self.plans.confirm():
-                self._declare_and_send(plans[returned])
+                if returned in plans:  # not one sent before a reconnection cleared them
+                    self._declare_and_send(plans[returned])
         except Exception:
             log.exception("%d plans not confirmed; %d messages requeued", len(plans), len(held))
             for delivery in held:

@@ -19,14 +19,14 @@ from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
 from agent import age
-from agent.catalog import DIRECTORY, FILE, HARDLINK, SYMLINK, Entry, read_lines
+from agent.catalog import TYPE_BITS, Entry, read_lines
 from agent.members import Item, item
 from agent.repository import Repository
 from agent.state import (
     CatalogCache,
+    ChunkedCompressor,
     Indexed,
     IndexWriter,
-    background_compressor,
     fingerprint,
     indexed,
     read_index,
@@ -62,6 +62,7 @@ PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts 
 # when its worker answers, kept the walk (and so the next volume's worker) waiting.
 EMIT_STEP = 16
 POLL = 0.2  # seconds between progress reports while the main process waits for workers
+REPORT_EVERY = 256  # unchanged files between progress reports: the walk's hot path
 
 Progress = Callable[[int, int], None]  # (files done, bytes of files done or being read)
 
@@ -120,6 +121,7 @@ def _backup(
     with contextlib.ExitStack() as stack:
         previous = iter(()) if full else _previous_entries(repo, parent, cache, identity, stack)
         catalog = run.execute(previous)
+    finished = run.finished
     record = SnapshotRecord(
         id=snapshot_id,
         node=repo.node,
@@ -131,12 +133,10 @@ def _backup(
         chain=0 if full or parent is None else parent.chain + 1,
         paths=list(job.sources.paths),
         catalog=catalog,
-        volumes=run.finished,
-        references=_oldest_first(run.referenced - {v.name for v in run.finished}, history),
+        volumes=finished,
+        references=_oldest_first(run.referenced - {v.name for v in finished}, history),
         recipients=[str(r) for r in recipients],
-        stats=SnapshotStats(
-            **run.tally, bytes_stored=catalog.size + sum(v.size for v in run.finished)
-        ),
+        stats=SnapshotStats(**run.tally, bytes_stored=catalog.size + sum(v.size for v in finished)),
         agent_version=agent_version,
     )
     repo.commit(record)
@@ -178,19 +178,11 @@ def _indexed(lines: Iterator[tuple[Entry, bytes]]) -> Iterator[Indexed]:
     """Catalog lines as index records; an entry without a location never matches."""
     for entry, line in lines:
         if entry.location is not None:
-            kind = _MODE_TYPES[entry.type]
+            kind = TYPE_BITS[entry.type]
             stamp = fingerprint(
                 kind | entry.mode, entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode
             )
             yield indexed(entry.key, stamp, line, entry.location.volume)
-
-
-_MODE_TYPES = {
-    FILE: stat.S_IFREG,
-    HARDLINK: stat.S_IFREG,  # a second name of a regular file: the walk sees a file
-    DIRECTORY: stat.S_IFDIR,
-    SYMLINK: stat.S_IFLNK,
-}
 
 
 class _Previous:
@@ -239,35 +231,25 @@ class _Catalog:
         self._local = self._stack.enter_context(cache.open_temp(snapshot_id))
         # Level 1: the catalog is rewritten whole on every run, and on catalog text level 1
         # costs about half the CPU of level 3 and comes out smaller (1 MiB jobs).
-        self._zstd = background_compressor(1).stream_writer(
-            _Tee(self._encryptor, self._local), closefd=False
-        )
+        self._lines = ChunkedCompressor(1, _Tee(self._encryptor, self._local))
         self._index = IndexWriter(self._stack.enter_context(cache.open_index_temp(snapshot_id)))
-        self._lines = bytearray()
 
     def write(self, line: bytes, key: bytes, stamp: bytes, volume: str) -> None:
         self._index.add(key, stamp, line, volume)
-        self._add(line)
+        self._lines.write(line)
 
     def reuse(self, before: Indexed) -> None:
         """An unchanged entry: its previous line and index record, copied as they were."""
-        self._index.copy(before.record)
-        self._add(before.line)
+        self._index.write(before.record)
+        self._lines.write(before.line)
 
     def reuse_held(self, held: _Held) -> None:
         """A run of unchanged entries, as `reuse` would write them one by one."""
-        self._index.copy(held.records)
-        self._add(held.lines)
-
-    def _add(self, line: bytes | bytearray) -> None:
-        self._lines += line
-        if len(self._lines) >= 1 << 18:  # one compressor call per 256 KiB, not per line
-            self._zstd.write(self._lines)
-            self._lines.clear()
+        self._index.write(held.records)
+        self._lines.write(held.lines)
 
     def close(self) -> ObjectInfo:
-        self._zstd.write(self._lines)
-        self._zstd.close()
+        self._lines.close()
         self._encryptor.close()
         self._local.flush()
         os.fsync(self._local.fileno())
@@ -322,7 +304,6 @@ class _Volumes:
         self._target = target
         self._on_wait = on_wait  # progress, while the main process waits for the workers
         self._number = 0  # of the open volume, or of the last one
-        self._open = False
         self._tar_bytes = 0  # of the open volume, estimated with 512-byte headers
         self._members = 0
         self._worker = 0  # the open volume's
@@ -342,7 +323,7 @@ class _Volumes:
             self._tar_bytes >= target or size > target or self._members >= MEMBERS_PER_VOLUME
         ):
             self._send(FINISH)
-        if not self._open:
+        if not self._members:
             self._start_volume()
         self._items.append(entry)
         self._slots.append(slot)
@@ -363,7 +344,7 @@ class _Volumes:
 
     def request_flush(self) -> None:
         """Ask the open volume's worker for the lines of all it was sent, without waiting."""
-        if self._open and self._unanswered:
+        if self._members and self._unanswered:
             self._send(FLUSH)
 
     def collect(self) -> None:
@@ -373,20 +354,18 @@ class _Volumes:
 
     def finish(self) -> None:
         """The last volume sent, and every volume committed."""
-        if self._open:
+        if self._members:
             self._send(FINISH)
         while self._workers.busy:
             self.wait()
 
     def _start_volume(self) -> None:
         """The next volume, on the first worker free (waiting for one if need be)."""
-        self._workers.start()
         while 0 not in self._writing:
             self.wait()
         self._number += 1
         self._worker = self._writing.index(0)
         self._writing[self._worker] = self._number
-        self._open = True
 
     def _send(self, mode: int) -> None:
         self._workers.send(self._worker, self._number, self._items, mode)
@@ -394,7 +373,7 @@ class _Volumes:
         self._items, self._slots, self._part_bytes = [], [], 0
         self._unanswered = mode == PART
         if mode == FINISH:
-            self._open, self._members, self._tar_bytes = False, 0, 0
+            self._members, self._tar_bytes = 0, 0
 
     def wait(self) -> None:
         """Take one answer of a worker, if one comes within `POLL` seconds."""
@@ -447,8 +426,6 @@ class _Run:
         self._ordered: deque[_Line | _Held] = deque()
         self._held = 0  # unchanged entries in `_ordered`
         self._since_check = 0  # entries held since the open volume's worker was last asked
-        self._files_done = 0
-        self._bytes_done = 0
         self._unchanged = [0, 0, 0]  # files, their bytes, directories
 
     @property
@@ -506,6 +483,7 @@ class _Run:
             volumes.add(item(found.path, info), slot)
             self._emit_located(catalog, EMIT_STEP)
         volumes.finish()
+        self._report()  # the unchanged files since the last report
         self._emit_located(catalog)
         self._tally_unchanged()
         self.tally["bytes_new"] += volumes.bytes_new
@@ -558,11 +536,10 @@ class _Run:
         unchanged entry, the whole of a no-change backup."""
         mode = info.st_mode
         if stat.S_ISREG(mode):
-            self._unchanged[0] += 1
-            self._unchanged[1] += info.st_size
-            self._files_done += 1
-            self._bytes_done += info.st_size
-            if self.progress:
+            unchanged = self._unchanged
+            unchanged[0] += 1
+            unchanged[1] += info.st_size
+            if self.progress and not unchanged[0] % REPORT_EVERY:
                 self._report()
         elif stat.S_ISDIR(mode):
             self._unchanged[2] += 1
@@ -583,7 +560,7 @@ class _Run:
         """Progress: files and bytes unchanged here, plus what the workers have read."""
         if self.progress:
             files, size = self._workers.progress()
-            self.progress(self._files_done + files, self._bytes_done + size)
+            self.progress(self._unchanged[0] + files, self._unchanged[1] + size)
 
 
 def default_workers() -> int:

@@ -82,6 +82,7 @@ def test_an_incremental_keeps_changed_files_in_one_volume_across_flushes(tmp_pat
     for folder in range(0, 12, 3):
         (node.source / "many" / f"{folder:02d}" / "005.txt").write_text("changed\n")
     monkeypatch.setattr(backup, "BACKLOG", 16)  # many flushes: lines wait for few members
+    monkeypatch.setattr(backup, "HOLD_LIMIT", 32)  # and the walk waits for their answers
     again = node.backup(workers=2).record
     assert again.stats.files_changed == 4 and len(again.volumes) == 1
     out = tmp_path / "out"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.services import KeystoneCredentials, SwiftCredentials
+from tests.services.keystone import login
 
 pytestmark = pytest.mark.integration
 
@@ -42,36 +43,6 @@ def muster(*args: str | Path, env: Mapping[str, str]) -> subprocess.CompletedPro
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result.stdout
-
-
-def token_and_storage_url(credentials: KeystoneCredentials) -> tuple[str, str]:
-    """Log in to Keystone without Muster and read the object-store URL from the catalog."""
-    body = {
-        "auth": {
-            "identity": {
-                "methods": ["password"],
-                "password": {
-                    "user": {
-                        "name": credentials.user,
-                        "domain": {"id": "default"},
-                        "password": credentials.password,
-                    }
-                },
-            },
-            "scope": {"project": {"name": credentials.project, "domain": {"id": "default"}}},
-        }
-    }
-    request = urllib.request.Request(
-        f"{credentials.auth_url}/auth/tokens",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        token = response.headers["X-Subject-Token"]
-        catalog = json.load(response)["token"]["catalog"]
-    [store] = [service for service in catalog if service["type"] == "object-store"]
-    [url] = [e["url"] for e in store["endpoints"] if e["interface"] == "public"]
-    return token, url
 
 
 def list_objects(url: str, token: str, container: str) -> list[str]:
@@ -128,7 +99,10 @@ def test_backup_restore_verify_through_keystone(
 
     # the objects are in the Keystone project's account, not in the tempauth one
     container = str(repo_args[1]).removeprefix("swift://").split("/")[0]
-    token, url = token_and_storage_url(keystone_credentials)
+    credentials = keystone_credentials
+    token, url = login(
+        credentials.auth_url, credentials.user, credentials.password, credentials.project
+    )
     names = list_objects(url, token, container)
     assert any(name.endswith(".tar.zst.age") for name in names)
     assert any(f"fleet/web1/etc/snapshots/{second['id']}" in name for name in names)

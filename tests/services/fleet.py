@@ -145,19 +145,22 @@ class Fleet:
         log tail is raised.
         """
         selected = self.select(names)
-        needed = [self.servers[name] for server in selected for name in server.after]
-        selected += [server for server in needed if server not in selected]
+        for server in selected:  # grows while it is read: the dependencies' own come too
+            selected += [self.servers[n] for n in server.after if self.servers[n] not in selected]
         todo = [server for server in selected if not server.running()]
         self.root.mkdir(parents=True, exist_ok=True)
         for server in self.servers.values():
             if server.configured():
                 _ = server.ports  # loading them reserves them: no other server may pick them
-        waiting = {server.name for server in todo}
-        first = [server for server in todo if not waiting & set(server.after)]
         started: list[str] = []
         try:
-            for wave in (first, [server for server in todo if server not in first]):
+            while todo:
+                waiting = {server.name for server in todo}
+                wave = [server for server in todo if not waiting & set(server.after)]
+                if not wave:
+                    raise ServiceError(f"servers waiting for each other: {sorted(waiting)}")
                 started += self._start_together(wave)
+                todo = [server for server in todo if server not in wave]
         except ServiceError:
             if started:
                 self.stop(started)

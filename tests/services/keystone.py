@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import HOST, SERVICES_HOME, Server, ServiceError, port_open
-from .swift import Swift
+from .swift import Swift, filter_sections
 
 KEYSTONE_BIN = SERVICES_HOME / "venv-keystone" / "bin"
 HERE = Path(__file__).parent
@@ -84,11 +84,8 @@ class Keystone(Server):
             + f"project_name = admin\nusername = admin\npassword = {ADMIN_PASSWORD}\n\n"
             + "[filter:keystoneauth]\nuse = egg:swift#keystoneauth\n"
             + f"operator_roles = admin, {MEMBER_ROLE}\n\n"
-            + "".join(
-                f"[filter:{name}]\nuse = egg:swift#{name.replace('-', '_')}\n\n"
-                for name in ("catch_errors", "gatekeeper", "healthcheck", "proxy-logging")
-            )
-            + "[filter:slo]\nuse = egg:swift#slo\n\n[filter:dlo]\nuse = egg:swift#dlo\n"
+            + filter_sections(("catch_errors", "gatekeeper", "healthcheck", "proxy-logging", "dlo"))
+            + "[filter:slo]\nuse = egg:swift#slo\n"
         )
 
     def bootstrap(self) -> None:
@@ -146,7 +143,9 @@ class Keystone(Server):
 
     def provision(self) -> None:
         """The object-store endpoint, a project, a user and its member role."""
-        admin = IdentityClient(self.auth_url, self.token("admin", ADMIN_PASSWORD, "admin")[0])
+        admin = IdentityClient(
+            self.auth_url, token(self.auth_url, "admin", ADMIN_PASSWORD, "admin")[0]
+        )
         service = admin.create("services", {"type": "object-store", "name": "swift"})
         url = f"http://{HOST}:{self.ports['proxy']}/v1/AUTH_%(tenant_id)s"
         endpoint = {"service_id": service, "interface": "public", "url": url, "region_id": REGION}
@@ -156,33 +155,10 @@ class Keystone(Server):
         role = admin.find("roles", MEMBER_ROLE)
         admin.put(f"projects/{project}/users/{user}/roles/{role}")
 
-    def token(self, user: str, password: str, project: str) -> tuple[str, dict[str, Any]]:
-        """A project-scoped token and the token body (with its service catalog)."""
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {"name": user, "domain": {"id": "default"}, "password": password}
-                    },
-                },
-                "scope": {"project": {"name": project, "domain": {"id": "default"}}},
-            }
-        }
-        request = urllib.request.Request(
-            f"{self.auth_url}/auth/tokens",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.headers["X-Subject-Token"], json.load(response)["token"]
-
     def account_reachable(self) -> bool:
         """The user's token lists an object-store endpoint, and a HEAD of it succeeds."""
         try:
-            token, body = self.token(USER, PASSWORD, PROJECT)
-            [service] = [s for s in body["catalog"] if s["type"] == "object-store"]
-            [url] = [e["url"] for e in service["endpoints"] if e["interface"] == "public"]
+            token, url = login(self.auth_url, USER, PASSWORD, PROJECT)
             head = urllib.request.Request(url, method="HEAD", headers={"X-Auth-Token": token})
             with urllib.request.urlopen(head, timeout=5) as response:
                 return 200 <= response.status < 300
@@ -197,6 +173,36 @@ class Keystone(Server):
             "MUSTER_TEST_KEYSTONE_PROJECT": PROJECT,
             "MUSTER_TEST_KEYSTONE_REGION": REGION,
         }
+
+
+def token(auth_url: str, user: str, password: str, project: str) -> tuple[str, dict[str, Any]]:
+    """A project-scoped token (default domain) and the token body, with its catalog."""
+    body = {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {
+                    "user": {"name": user, "domain": {"id": "default"}, "password": password}
+                },
+            },
+            "scope": {"project": {"name": project, "domain": {"id": "default"}}},
+        }
+    }
+    request = urllib.request.Request(
+        f"{auth_url}/auth/tokens",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.headers["X-Subject-Token"], json.load(response)["token"]
+
+
+def login(auth_url: str, user: str, password: str, project: str) -> tuple[str, str]:
+    """A token and the public object-store URL of the project, from the token's catalog."""
+    subject, body = token(auth_url, user, password, project)
+    [store] = [service for service in body["catalog"] if service["type"] == "object-store"]
+    [url] = [e["url"] for e in store["endpoints"] if e["interface"] == "public"]
+    return subject, url
 
 
 class IdentityClient:

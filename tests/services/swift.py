@@ -11,6 +11,7 @@ import getpass
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from .common import HOST, SERVICES_HOME, Server, ServiceError, port_open
@@ -47,6 +48,11 @@ FILTERS = {
 }
 
 
+def filter_sections(names: Iterable[str]) -> str:
+    """Paste sections for Swift's own middlewares, named as in FILTERS."""
+    return "".join(f"[filter:{name}]\nuse = egg:swift#{FILTERS[name]}\n\n" for name in names)
+
+
 class Swift(Server):
     """memcached plus the four Swift servers; stopped and killed as one unit."""
 
@@ -74,9 +80,6 @@ class Swift(Server):
         )
 
     def proxy_conf(self) -> str:
-        filters = "".join(
-            f"[filter:{name}]\nuse = egg:swift#{entry}\n\n" for name, entry in FILTERS.items()
-        )
         return (
             self.defaults(self.ports["proxy"])
             + f"[pipeline:main]\npipeline = {PIPELINE}\n\n"
@@ -89,7 +92,7 @@ class Swift(Server):
             + f"location = {REGION}\nmax_upload_part_num = 10000\n\n"
             # An S3 upload of N parts becomes an SLO of N segments.
             + "[filter:slo]\nuse = egg:swift#slo\nmax_manifest_segments = 10000\n\n"
-            + filters
+            + filter_sections(FILTERS)
         )
 
     def prepare(self) -> None:

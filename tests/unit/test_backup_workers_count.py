@@ -9,15 +9,12 @@ import pytest
 from agent.actions.backup import default_workers
 
 
-def test_one_per_usable_core_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cores", [{0}, {0, 1, 2}, {1, 5}])
+def test_one_per_usable_core_by_default(monkeypatch: pytest.MonkeyPatch, cores: set[int]) -> None:
+    """The cores this process may use (its affinity), not all the machine has."""
     monkeypatch.delenv("MUSTER_BACKUP_WORKERS", raising=False)
-    assert default_workers() == len(os.sched_getaffinity(0))
-
-
-def test_the_affinity_bounds_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MUSTER_BACKUP_WORKERS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert default_workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    assert default_workers() == len(cores)
 
 
 def test_the_environment_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -81,7 +81,7 @@ def test_copied_records_make_the_same_index(tmp_path):
     with (tmp_path / "copy").open("wb") as sink:
         writer = IndexWriter(sink)
         for record in back:
-            writer.copy(record.record)
+            writer.write(record.record)
         writer.close()
     again = read_index(io.BytesIO((tmp_path / "copy").read_bytes()))
     assert again is not None
