@@ -83,23 +83,40 @@ class VolumeMembers:
             if stored and entry.type in (FILE, HARDLINK):
                 self._on_file()
 
+    def located(self) -> Stored:
+        """The lines of the members written so far, in order; the rest stay here. Sent
+        with every part, so neither process holds a volume's worth of entries."""
+        entries = self._entries
+        done = 0
+        for entry in entries:
+            if entry is not None and entry.location is None:
+                break
+            done += 1
+        return self._stored(done)
+
     def flush(self) -> Stored:
         """Every member added so far written: their lines."""
         self._volume.flush()
-        return self._stored()
+        return self._stored(len(self._entries))
 
     def finish(self) -> tuple[Stored, VolumeInfo]:
         """Commit the volume: the last lines, and the volume's record."""
         info = self._volume.finish()
-        return self._stored(), info
+        return self._stored(len(self._entries)), info
 
     def abort(self, error: BaseException) -> None:
         self._volume.abort(error)
 
-    def _stored(self) -> Stored:
-        lines = [None if entry is None else encode_line(entry) for entry in self._entries]
+    def _stored(self, count: int) -> Stored:
+        """The first `count` entries' lines, with the warnings and bytes read so far (the
+        warnings wait for a line to go with: the main process files them under one)."""
+        entries = self._entries
+        lines = [None if entry is None else encode_line(entry) for entry in entries[:count]]
+        del entries[:count]
+        if not lines:
+            return Stored(lines, [], 0)
         stored = Stored(lines, self._warnings, self._bytes_new)
-        self._entries, self._warnings, self._bytes_new = [], [], 0
+        self._warnings, self._bytes_new = [], 0
         return stored
 
     def _store(self, entry: Entry, found: Item) -> bool:

@@ -36,8 +36,8 @@ from agent.throttle import OpenWriter
 from broker.snapshot import VolumeInfo
 
 FRAME_TARGET = 1 << 20
-FRAME_MAX = 4 << 20
-IN_FLIGHT = 4
+FRAME_MAX = 2 << 20
+IN_FLIGHT = 2
 WRITES_QUEUED = 2
 READ_SIZE = 1 << 20
 

@@ -13,7 +13,9 @@ opens its own storage connections (a socket must not be shared across a fork).
 
 Messages, one queue per worker to it, one pipe per worker back:
 - `(number, items, mode)`: items of volume `number`, in path order, sent in parts as the
-  walk finds them, so a worker starts on a volume at once. `PART` asks for no answer;
+  walk finds them, so a worker starts on a volume at once. `PART` asks for the lines of
+  the members written so far (their frames are out: a lag of a few MiB of data, so
+  neither process holds a volume's worth of entries, whatever the number of files);
   `FLUSH` for the lines of every member so far (the volume stays open), `FINISH` for
   the rest of them and the committed volume.
 - back, once the message's members are written: `(number, Stored, VolumeInfo or None)`,
@@ -127,8 +129,11 @@ class Workers:
     def send(self, worker: int, number: int, items: list[Item], mode: int) -> None:
         self.start()
         self._queues[worker].put((number, items, mode))
-        if mode != PART:
-            self._answers[worker] += 1
+        self._answers[worker] += 1
+
+    def owed(self, worker: int) -> int:
+        """Answers `worker` still owes: the messages it has not finished."""
+        return self._answers[worker]
 
     @property
     def busy(self) -> bool:
@@ -296,6 +301,8 @@ def _answer_tasks(
                 results.send((number, stored, info))
             elif mode == FLUSH:
                 results.send((number, members.flush(), None))
+            else:
+                results.send((number, members.located(), None))
     except BaseException as error:
         if members is not None:
             members.abort(error)

@@ -58,6 +58,9 @@ BACKLOG = 4096
 HOLD_LIMIT = 4 * BACKLOG
 MEMBERS_PER_VOLUME = 16384
 PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts this size
+# Parts a worker may have unfinished: the walk is faster than the workers, and whatever it
+# finds ahead of them (stat data, lines to come) waits in this process, so the walk waits.
+PARTS_AHEAD = 2
 # Lines written, at most, per entry the walk sends: a volume's 16k lines, written at once
 # when its worker answers, kept the walk (and so the next volume's worker) waiting.
 EMIT_STEP = 16
@@ -292,8 +295,8 @@ class _Volumes:
     """Cuts the entries to store into volumes, contiguous ranges of the walk so that the
     catalog stays sorted, and gives each to a free worker process, in parts as the walk
     finds them; fills in their lines as the workers answer. A volume ends past the target
-    size, or after `MEMBERS_PER_VOLUME` members (their stat data is held here and in the
-    worker until it is written); a file bigger than the target gets a volume of its own.
+    size, or after `MEMBERS_PER_VOLUME` members; a file bigger than the target gets a
+    volume of its own.
     Each worker writes one volume at a time, so at most as many are in flight."""
 
     def __init__(
@@ -335,6 +338,9 @@ class _Volumes:
             self._send(FINISH)
         elif len(self._items) >= PART_ITEMS or self._part_bytes >= PART_BYTES:
             self._send(PART)
+            self.collect()  # the lines written so far: a worker waits until they are read
+            while self._workers.owed(self._worker) > PARTS_AHEAD:
+                self.wait()
 
     def flush(self) -> None:
         """Every entry added so far stored, and its line filled in."""

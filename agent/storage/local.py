@@ -16,6 +16,7 @@ import secrets
 import stat
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +24,7 @@ from typing import BinaryIO
 from broker.plan import LocalTarget
 
 from .base import (
+    MIB,
     AuthError,
     InvalidName,
     NotFound,
@@ -36,6 +38,7 @@ from .base import (
 )
 
 TEMP_PREFIX = ".muster-tmp-"
+WRITE_SIZE = MIB  # bytes per write to the temporary file
 
 
 @contextlib.contextmanager
@@ -98,6 +101,9 @@ class LocalStorage(Storage):
     max_parts = sys.maxsize  # a file has no part limit
 
     def __init__(self, target: LocalTarget, tuning: Tuning) -> None:
+        # A part is an object store's upload unit; here it is only a write to the file, and
+        # what each backup worker holds twice (one being written, one filling): keep it small.
+        tuning = replace(tuning, part_size=min(tuning.part_size, WRITE_SIZE))
         super().__init__(tuning, target.prefix)
         self.directory = Path(target.path, self.root)
 

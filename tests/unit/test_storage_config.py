@@ -257,3 +257,10 @@ def test_open_storage_dispatches_on_kind(tmp_path: Path) -> None:
     storage = open_storage(parse_repo_url(f"file://{tmp_path}/repo"))
     assert isinstance(storage, LocalStorage)
     assert storage.directory == tmp_path / "repo"
+
+
+def test_a_local_directory_writes_in_small_parts(tmp_path: Path) -> None:
+    """Each backup worker holds two parts: a file needs no 5 MiB upload unit."""
+    target = LocalTarget(path=str(tmp_path))
+    assert LocalStorage(target, Tuning()).tuning.part_size == MIB
+    assert LocalStorage(target, Tuning(part_size=4096)).tuning.part_size == 4096
