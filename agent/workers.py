@@ -131,10 +131,6 @@ class Workers:
         self._queues[worker].put((number, items, mode))
         self._answers[worker] += 1
 
-    def owed(self, worker: int) -> int:
-        """Answers `worker` still owes: the messages it has not finished."""
-        return self._answers[worker]
-
     @property
     def busy(self) -> bool:
         """Some answer is still to come."""

@@ -56,11 +56,8 @@ from broker.types import utcnow
 # open) while the walk goes on; past HOLD_LIMIT (about 0.5 KiB each) the walk waits.
 BACKLOG = 4096
 HOLD_LIMIT = 4 * BACKLOG
-MEMBERS_PER_VOLUME = 16384
+MEMBERS_PER_VOLUME = 4096
 PART_ITEMS, PART_BYTES = 1024, 16 << 20  # a volume goes to its worker in parts this size
-# Parts a worker may have unfinished: the walk is faster than the workers, and whatever it
-# finds ahead of them (stat data, lines to come) waits in this process, so the walk waits.
-PARTS_AHEAD = 2
 # Lines written, at most, per entry the walk sends: a volume's 16k lines, written at once
 # when its worker answers, kept the walk (and so the next volume's worker) waiting.
 EMIT_STEP = 16
@@ -339,8 +336,6 @@ class _Volumes:
         elif len(self._items) >= PART_ITEMS or self._part_bytes >= PART_BYTES:
             self._send(PART)
             self.collect()  # the lines written so far: a worker waits until they are read
-            while self._workers.owed(self._worker) > PARTS_AHEAD:
-                self.wait()
 
     def flush(self) -> None:
         """Every entry added so far stored, and its line filled in."""
