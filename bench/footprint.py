@@ -1,6 +1,6 @@
 """The agent's memory: idle, and while it backs up, and whether that grows with file count.
 
-    python -m bench.footprint [--idle 60] [--scale 1.0] [--small 10000,100000]
+    python -m bench.footprint [--idle 60] [--scale 1.0] [--small 10000,100000,300000]
                               [--work DIR] [--json FILE]
 
 Against the real RabbitMQ from tests/services (started here in a private state directory
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--idle", type=float, default=60, help="idle seconds after the plan")
     parser.add_argument("--scale", type=float, default=1.0, help="bench/dataset.py scale; 0: none")
-    parser.add_argument("--small", default="10000,100000", help="small-file tree sizes")
+    parser.add_argument("--small", default="10000,100000,300000", help="small-file tree sizes")
     parser.add_argument("--work", type=Path, default=default_work())
     parser.add_argument("--json", type=Path)
     parser.add_argument(
