@@ -107,24 +107,23 @@ class Workers:
         if self._processes:
             return
         parent = os.getpid()
-        gc.freeze()  # the workers' collections then leave the pages shared with us alone
-        try:
-            for index in range(self.count):
-                queue = _FORK.Queue()
-                results, sink = _FORK.Pipe(duplex=False)
-                process = _FORK.Process(
-                    target=_serve,
-                    args=(index, parent, self._settings, queue, sink, self._counters),
-                    name=f"muster-volumes-{index}",
-                    daemon=True,
-                )
-                process.start()
-                sink.close()
-                self._queues.append(queue)
-                self._results.append(results)
-                self._processes.append(process)
-        finally:
-            gc.unfreeze()
+        # The workers' collections then leave the pages shared with us alone; the run
+        # unfreezes at its end (agent.actions.backup.run_backup froze it at its start).
+        gc.freeze()
+        for index in range(self.count):
+            queue = _FORK.Queue()
+            results, sink = _FORK.Pipe(duplex=False)
+            process = _FORK.Process(
+                target=_serve,
+                args=(index, parent, self._settings, queue, sink, self._counters),
+                name=f"muster-volumes-{index}",
+                daemon=True,
+            )
+            process.start()
+            sink.close()
+            self._queues.append(queue)
+            self._results.append(results)
+            self._processes.append(process)
 
     def send(self, worker: int, number: int, items: list[Item], mode: int) -> None:
         self.start()

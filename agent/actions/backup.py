@@ -10,6 +10,7 @@ snapshot record is written last, once every volume is committed.
 """
 
 import contextlib
+import gc
 import os
 import stat
 from collections import Counter, deque
@@ -93,9 +94,27 @@ def run_backup(
     workers: int | None = None,
 ) -> BackupOutcome:
     """One snapshot; `workers` processes write its volumes (default: `default_workers`)."""
-    with cache.writer_lock():
+    with cache.writer_lock(), _frozen_heap():
         count = workers or default_workers()
         return _backup(job, repo, identity, cache, agent_version, progress, count)
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """No garbage collection while the run makes its objects, in this process and its
+    workers: they form no cycles (tuples, lines, entries freed by reference count), yet
+    a GiB of small files set off about 200 collections here, 0.13 s of the walk's time.
+    What existed before (modules, the plan) is frozen: no worker's collection, after the
+    run, writes to (so copies) the pages it shares with this process."""
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def _backup(

@@ -212,3 +212,23 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "State:\tZ" not in status
+
+
+def test_no_collections_during_a_run_and_the_collector_is_given_back(tmp_path, monkeypatch):
+    import gc
+
+    from agent.actions import backup
+
+    node = Node(tmp_path, {"kind": "local", "path": str(tmp_path / "repo")})
+    make_tree(node.source)
+    seen = []
+    real_add = backup._Volumes.add
+
+    def add(volumes, entry, slot):
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+        real_add(volumes, entry, slot)
+
+    monkeypatch.setattr(backup._Volumes, "add", add)
+    node.backup(workers=1)
+    assert seen and set(seen) == {(False, True)}
+    assert gc.isenabled() and gc.get_freeze_count() == 0
