@@ -680,7 +680,9 @@ def test_a_reporter_whose_watchdog_is_unfinished_goes_on_before_its_interval(
     busy = start_reporter(clock, budget=0.0, keepalive_warning=3, keepalive_critical=5)
     query = {"kind": "keepalive", "state": "open"}
     wait_for(lambda: store.alerts.count_documents(query) == 4, what="four ticks, one change each")
-    assert busy.watchdog.changes == 4 and not busy.watchdog.unfinished
+    # the alert is stored before the watchdog counts it, and its tick ends after that
+    watchdog = busy.watchdog
+    wait_for(lambda: watchdog.changes == 4 and not watchdog.unfinished, what="the ticks ended")
 
 
 def test_an_overdue_backup_warns_escalates_and_resolves(
