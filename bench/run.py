@@ -1330,11 +1330,11 @@ def _memory(bench: Bench, targets: list[Target]) -> list[str]:
         big, small = tests["16"], tests["4"]
         lines += [
             "",
-            "The same local full backup with the storage `Tuning.part_size` at 16 MiB (the "
-            f"default is 8 MiB) peaks at {big['peak_bytes'] / 1e6:.0f} MB "
+            "The same local full backup with the storage `Tuning.part_size` at 16 MiB (a "
+            f"local directory's default is 1 MiB) peaks at {big['peak_bytes'] / 1e6:.0f} MB "
             f"({big['seconds']:.1f} s); at "
             f"4 MiB it peaks at {small['peak_bytes'] / 1e6:.0f} MB ({small['seconds']:.1f} s). "
-            "Each open object (a volume and the catalog are open together) keeps a part-size "
+            "Each open object (a volume per worker, and the catalog) keeps a part-size "
             "buffer plus a `bytes()` copy of the part being uploaded.",
         ]
     return [*lines, ""]

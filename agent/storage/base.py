@@ -68,16 +68,18 @@ class Tuning:
 
     `part_size` is both the threshold above which an object is uploaded in parts (an SLO
     on Swift, a multipart upload on S3) and the size of those parts; a writer holds at most
-    two parts in memory. `page_size` is the number of names asked for per listing request.
+    two parts in memory (each backup worker has one writer open). None: the backend's own
+    (`Storage.part_size`). `page_size` is the number of names asked for per listing request.
     """
 
-    part_size: int = 5 * MIB  # S3 minimum; the agent's peak memory moves with this
+    part_size: int | None = None
     page_size: int = 1000
     retries: int = 5
     timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.part_size < 1 or self.page_size < 1 or self.retries < 0 or self.timeout <= 0:
+        part_size = 1 if self.part_size is None else self.part_size
+        if part_size < 1 or self.page_size < 1 or self.retries < 0 or self.timeout <= 0:
             raise ConfigError(f"invalid storage tuning {self}: sizes and timeout must be > 0")
 
 
@@ -229,6 +231,7 @@ class Storage(ABC):
     """
 
     max_parts: int = 10_000  # a backend's limit on parts (segments) per object
+    part_size: int = 5 * MIB  # its default upload unit: the agent's peak memory moves with it
 
     def __init__(self, tuning: Tuning, root: str) -> None:
         self.tuning = tuning
@@ -279,10 +282,11 @@ class Storage(ABC):
 
     def _part_size(self, size_hint: int | None) -> int:
         """The configured part size, raised (in whole MiB) if size_hint needs more."""
+        configured = self.tuning.part_size or self.part_size
         if size_hint is None:
-            return self.tuning.part_size
+            return configured
         needed = math.ceil(math.ceil(size_hint / self.max_parts) / MIB) * MIB
-        return max(self.tuning.part_size, needed)
+        return max(configured, needed)
 
     def get_range(self, name: str, start: int, length: int) -> bytes:
         """Bytes [start, start + length) in one request: shorter at the object's end, empty

@@ -16,7 +16,6 @@ import secrets
 import stat
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -38,7 +37,6 @@ from .base import (
 )
 
 TEMP_PREFIX = ".muster-tmp-"
-WRITE_SIZE = MIB  # bytes per write to the temporary file
 
 
 @contextlib.contextmanager
@@ -99,11 +97,9 @@ class _LocalUpload(Upload):
 
 class LocalStorage(Storage):
     max_parts = sys.maxsize  # a file has no part limit
+    part_size = MIB  # only the size of a write to the file here: no need for more
 
     def __init__(self, target: LocalTarget, tuning: Tuning) -> None:
-        # A part is an object store's upload unit; here it is only a write to the file, and
-        # what each backup worker holds twice (one being written, one filling): keep it small.
-        tuning = replace(tuning, part_size=min(tuning.part_size, WRITE_SIZE))
         super().__init__(tuning, target.prefix)
         self.directory = Path(target.path, self.root)
 

@@ -125,9 +125,10 @@ def make_client(config: S3Settings, tuning: Tuning) -> Any:
 
 class S3Storage(Storage):
     max_parts = 10_000
+    part_size = MIN_PART_SIZE
 
     def __init__(self, target: S3Target, config: S3Settings, tuning: Tuning) -> None:
-        if tuning.part_size < MIN_PART_SIZE:
+        if tuning.part_size is not None and tuning.part_size < MIN_PART_SIZE:
             raise ConfigError(f"S3 parts must be at least {MIN_PART_SIZE} bytes")
         super().__init__(tuning, target.prefix)
         self.bucket = target.bucket

@@ -44,6 +44,7 @@ from swiftclient.client import ClientException, Connection
 from broker.plan import SwiftTarget
 
 from .base import (
+    MIB,
     AuthError,
     ConfigError,
     NotFound,
@@ -190,6 +191,9 @@ def _keystone(config: SwiftSettings, timeout: float) -> _Keystone:
 
 class SwiftStorage(Storage):
     max_parts = 1000  # Swift's default max_manifest_segments
+    # Swift takes segments of any size: 2 MiB keeps a backup worker's two at 4 MiB, and a
+    # default volume (128 MiB) at 64 segments; `size_hint` raises it for bigger objects.
+    part_size = 2 * MIB
 
     def __init__(self, target: SwiftTarget, config: SwiftSettings, tuning: Tuning) -> None:
         super().__init__(tuning, target.prefix)

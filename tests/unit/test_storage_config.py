@@ -259,8 +259,10 @@ def test_open_storage_dispatches_on_kind(tmp_path: Path) -> None:
     assert storage.directory == tmp_path / "repo"
 
 
-def test_a_local_directory_writes_in_small_parts(tmp_path: Path) -> None:
-    """Each backup worker holds two parts: a file needs no 5 MiB upload unit."""
+def test_each_backend_has_its_own_part_size_unless_one_is_set(tmp_path: Path) -> None:
+    """Each backup worker holds two parts: a file needs no 5 MiB upload unit, Swift takes
+    segments of any size, S3 needs 5 MiB."""
     target = LocalTarget(path=str(tmp_path))
-    assert LocalStorage(target, Tuning()).tuning.part_size == MIB
-    assert LocalStorage(target, Tuning(part_size=4096)).tuning.part_size == 4096
+    assert LocalStorage(target, Tuning())._part_size(None) == MIB
+    assert LocalStorage(target, Tuning(part_size=4096))._part_size(None) == 4096
+    assert swift.SwiftStorage.part_size == 2 * MIB and s3.S3Storage.part_size == 5 * MIB
