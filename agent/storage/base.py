@@ -108,11 +108,12 @@ class Upload(ABC):
     """
 
     @abstractmethod
-    def add_part(self, data: bytes) -> None:
-        """Store one full part; the object must stay invisible until `commit`."""
+    def add_part(self, data: memoryview) -> None:
+        """Store one full part; the object must stay invisible until `commit`. `data` is
+        the writer's buffer, filled again once this returns: use it, keep no reference."""
 
     @abstractmethod
-    def commit(self, tail: bytes) -> None:
+    def commit(self, tail: memoryview) -> None:
         """Store `tail` (the whole object if no part was added) and make the object visible."""
 
     @abstractmethod
@@ -134,6 +135,7 @@ class ObjectWriter(io.BufferedIOBase):
         self._max_parts = max_parts
         self._parts = 0
         self._buffer = bytearray(part_size)  # filled in place: no growth, no reallocation
+        self._spare: bytearray | None = None  # the other buffer, once its part is stored
         self._filled = 0
         self._written = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-upload")
@@ -164,7 +166,8 @@ class ObjectWriter(io.BufferedIOBase):
         return self._written
 
     def _ship(self) -> None:
-        """Hand the full buffer to the worker, after the previous part has been stored."""
+        """Hand the full buffer to the worker once the previous part is stored, and fill
+        that part's buffer meanwhile: two buffers, taken in turn, and no copy of either."""
         self._wait()
         self._parts += 1
         if self._parts >= self._max_parts:  # at least one more part follows this one
@@ -172,7 +175,10 @@ class ObjectWriter(io.BufferedIOBase):
                 f"object exceeds {self._max_parts} parts of {self._part_size} bytes: "
                 "pass size_hint or raise the part size"
             )
-        self._pending = self._pool.submit(self._upload.add_part, bytes(self._buffer))
+        full = self._buffer
+        self._buffer = self._spare if self._spare is not None else bytearray(self._part_size)
+        self._spare = full
+        self._pending = self._pool.submit(self._upload.add_part, memoryview(full))
         self._filled = 0
 
     def _wait(self) -> None:
@@ -183,17 +189,52 @@ class ObjectWriter(io.BufferedIOBase):
     def _commit(self) -> None:
         try:
             self._wait()
-            self._upload.commit(bytes(memoryview(self._buffer)[: self._filled]))
+            self._upload.commit(memoryview(self._buffer)[: self._filled])
         finally:
             self._pool.shutdown()
-            self._buffer = bytearray()
+            self._buffer, self._spare = bytearray(), None
 
     def _abort(self) -> None:
         with contextlib.suppress(Exception):
             self._wait()
         self._pool.shutdown()
-        self._buffer = bytearray()
+        self._buffer, self._spare = bytearray(), None
         self._upload.abort()
+
+
+class _PartReader(io.RawIOBase):
+    """A part as a seekable file over the writer's buffer rather than a copy of it: HTTP
+    clients stream it, and seek back to send it again when they retry."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        chunk = self._data[self._position : self._position + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._data)}
+        self._position = max(0, start[whence] + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+def part_file(data: memoryview) -> BinaryIO:
+    """What a network backend sends for a part (see `Upload.add_part`)."""
+    return _PartReader(data)  # type: ignore[return-value]
 
 
 class _StreamReader(io.RawIOBase):

@@ -71,11 +71,11 @@ class _LocalUpload(Upload):
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             self._file = open(os.open(self._temp, flags, 0o600), "wb")  # noqa: SIM115
 
-    def add_part(self, data: bytes) -> None:
+    def add_part(self, data: memoryview) -> None:
         with _errors("cannot write", self._temp):
             self._file.write(data)
 
-    def commit(self, tail: bytes) -> None:
+    def commit(self, tail: memoryview) -> None:
         with _errors("cannot write", self._path):
             self._file.write(tail)
             self._file.flush()

@@ -45,6 +45,7 @@ from .base import (
     Tuning,
     Unavailable,
     Upload,
+    part_file,
     stream_reader,
 )
 from .credentials import Credentials, CredentialsError
@@ -260,7 +261,7 @@ class S3Storage(Storage):
             pages = {"ContinuationToken": page["NextContinuationToken"]}
 
 
-def _md5(data: bytes) -> str:
+def _md5(data: bytes | memoryview) -> str:
     """Content-MD5, which every S3 server checks: a part damaged in transit fails the backup
     now rather than the restore later (CRC headers are not sent to every server, see above)."""
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
@@ -281,7 +282,7 @@ class _S3Upload(Upload):
             method = getattr(storage.client, operation)
             return method(Bucket=storage.bucket, Key=self._key, **kwargs)
 
-    def add_part(self, data: bytes) -> None:
+    def add_part(self, data: memoryview) -> None:
         if self._upload_id is None:
             self._upload_id = self._call("create_multipart_upload")["UploadId"]
         number = len(self._parts) + 1
@@ -289,14 +290,14 @@ class _S3Upload(Upload):
             "upload_part",
             UploadId=self._upload_id,
             PartNumber=number,
-            Body=data,
+            Body=part_file(data),
             ContentMD5=_md5(data),
         )
         self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
 
-    def commit(self, tail: bytes) -> None:
+    def commit(self, tail: memoryview) -> None:
         if self._upload_id is None:
-            self._call("put_object", Body=tail, ContentMD5=_md5(tail))
+            self._call("put_object", Body=part_file(tail), ContentMD5=_md5(tail))
             return
         if tail:
             self.add_part(tail)

@@ -54,6 +54,7 @@ from .base import (
     Tuning,
     Unavailable,
     Upload,
+    part_file,
     stream_reader,
 )
 from .credentials import Credentials
@@ -420,7 +421,7 @@ class SwiftStorage(Storage):
             conn.delete_object(container, name)
 
 
-def _md5(data: bytes) -> str:
+def _md5(data: bytes | memoryview) -> str:
     """The ETag Swift checks the stored bytes against: a part damaged in transit fails the
     backup now rather than the restore later."""
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -437,19 +438,23 @@ class _SwiftUpload(Upload):
         self._stored_segments = False  # whether a segment PUT was ever sent
         self._committing = False
 
-    def add_part(self, data: bytes) -> None:
+    def add_part(self, data: memoryview) -> None:
         storage = self._storage
         self._stored_segments = True
         storage._ensure_container(storage.segments)
         segment = f"{self._upload_dir}{len(self._manifest) + 1:08d}"
         with storage._conn(f"cannot upload segment {storage.segments}/{segment}") as conn:
             etag = conn.put_object(
-                storage.segments, segment, data, content_length=len(data), etag=_md5(data)
+                storage.segments,
+                segment,
+                part_file(data),
+                content_length=len(data),
+                etag=_md5(data),
             )
         path = f"/{storage.segments}/{segment}"
         self._manifest.append({"path": path, "etag": etag, "size_bytes": len(data)})
 
-    def commit(self, tail: bytes) -> None:
+    def commit(self, tail: memoryview) -> None:
         storage = self._storage
         if self._manifest and tail:
             self.add_part(tail)
@@ -465,7 +470,11 @@ class _SwiftUpload(Upload):
                 )
             else:
                 conn.put_object(
-                    storage.container, self._key, tail, content_length=len(tail), etag=_md5(tail)
+                    storage.container,
+                    self._key,
+                    part_file(tail),
+                    content_length=len(tail),
+                    etag=_md5(tail),
                 )
         with contextlib.suppress(StorageError):  # at worst the old segments leak
             for path in set(replaced) - {segment["path"] for segment in self._manifest}:

@@ -266,3 +266,18 @@ def test_each_backend_has_its_own_part_size_unless_one_is_set(tmp_path: Path) ->
     assert LocalStorage(target, Tuning())._part_size(None) == MIB
     assert LocalStorage(target, Tuning(part_size=4096))._part_size(None) == 4096
     assert swift.SwiftStorage.part_size == 2 * MIB and s3.S3Storage.part_size == 5 * MIB
+
+
+def test_a_part_is_sent_from_the_writers_buffer_and_can_be_sent_again() -> None:
+    """Network backends stream a part from the buffer itself (no copy of it), and an HTTP
+    client retrying a request seeks back to where it started."""
+    from agent.storage.base import part_file
+
+    buffer = bytearray(b"0123456789")
+    part = part_file(memoryview(buffer)[2:])
+    assert part.read(3) == b"234" and part.tell() == 3
+    assert part.seek(0) == 0 and part.read() == b"23456789"
+    assert part.seek(-2, 2) == 6 and part.read(5) == b"89" and part.read(5) == b""
+    part.seek(0)
+    buffer[2:4] = b"ab"  # the same memory, not a copy
+    assert part.read(4) == b"ab45"
