@@ -202,7 +202,7 @@ class _Restorer:
             for dest, source in jobs:
                 self._guard(dest, self._ranged, dest, source, size)
         else:
-            self._guard(jobs[0][0], self._streamed, volume, jobs)
+            self._guard(jobs[0][0], self._streamed, volume, jobs, size)
 
     def _volume_size(self, volume: str) -> int:
         """Volumes of forgotten snapshots that kept ones still use have no record left."""
@@ -215,25 +215,45 @@ class _Restorer:
         stream = member_stream(self._archive.repo, self._keys, source, volume_size)
         self._write(dest, read_member(stream, source))
 
-    def _streamed(self, volume: str, jobs: list[tuple[Entry, Entry]]) -> None:
-        pending: dict[bytes, list[Entry]] = defaultdict(list)
+    def _streamed(self, volume: str, jobs: list[tuple[Entry, Entry]], size: int) -> None:
+        pending: dict[bytes, list[tuple[Entry, Entry]]] = defaultdict(list)
         for dest, source in jobs:
-            pending[member_name(source.path)].append(dest)
+            pending[member_name(source.path)].append((dest, source))
         members = stream_volume(
             self._archive.repo, volume, self._archive.identities, whole=self._whole
         )
-        for member, reader in members:
-            dests = pending.pop(member.name, [])
-            if dests:
-                first, *others = dests
-                self._guard(first, self._write, first, member_data(reader, member, first))
+        # Frames and age chunks stand alone: when the stream breaks on damage (restore, not
+        # a restore test of the whole volume), the files not written yet, the one being
+        # written included, are read each by its own range: only those whose chunks are
+        # damaged fail.
+        passing = () if self._whole else (CorruptVolume,)
+        try:
+            for member, reader in members:
+                waiting = pending.pop(member.name, [])
+                if not waiting:
+                    if not pending and not self._whole:
+                        return
+                    continue
+                first, *others = (dest for dest, _ in waiting)
+                try:
+                    blocks = member_data(reader, member, first)
+                    self._guard(first, self._write, first, blocks, passing=passing)
+                except CorruptVolume:
+                    pending[member.name] = waiting
+                    raise
                 for other in others if first.path in self._written else []:
                     self._guard(other, self._target.hardlink, other, first)
-            if not pending and not self._whole:
-                return
+                if not pending and not self._whole:
+                    return
+        except CorruptVolume:
+            if not passing or not pending:
+                raise
+            for dest, source in (job for waiting in pending.values() for job in waiting):
+                self._guard(dest, self._ranged, dest, source, size)
+            return
         if not pending:
             return
-        lost = ", ".join(dest.path for dests in pending.values() for dest in dests)
+        lost = ", ".join(dest.path for waiting in pending.values() for dest, _ in waiting)
         raise CorruptVolume(f"{volume}: ends without {lost}")
 
     def _write(self, entry: Entry, blocks: Iterable[Block]) -> None:
@@ -246,10 +266,19 @@ class _Restorer:
             if self._progress:
                 self._progress(self._outcome.files, self._outcome.bytes)
 
-    def _guard(self, entry: Entry, action: Callable[..., object], *args: object) -> bool:
-        """Run one step; a bad entry is reported, the restore goes on. True if it worked."""
+    def _guard(
+        self,
+        entry: Entry,
+        action: Callable[..., object],
+        *args: object,
+        passing: tuple[type[Exception], ...] = (),
+    ) -> bool:
+        """Run one step; a bad entry is reported (unless its error is one of `passing`,
+        left to the caller), the restore goes on. True if it worked."""
         try:
             action(*args)
+        except passing:
+            raise
         except (CorruptVolume, ContentMismatch, UnsafePath) as error:
             self._outcome.errors.append(str(error))
         except OSError as error:

@@ -423,6 +423,40 @@ def four_snapshots(setup: Setup) -> History:
     return History(records, contents)
 
 
+def test_a_damaged_chunk_loses_only_the_files_its_frames_hold(tmp_path: Path) -> None:
+    """A volume read as one stream stops at a damaged chunk; the requested files past it
+    are then read each by its own range, so only those sharing the damaged chunk fail."""
+    setup = make_setup(tmp_path, {"kind": "local", "path": str(tmp_path / "repository")}, "64MiB")
+    written = fill(setup.source, 6, 1_500_000)
+    record = setup.backup()
+    assert len(record.volumes) == 1
+    victim = record.volumes[0].name
+    entries = {e.path: e for e in setup.files(record)[victim]}
+    location = entries[str(setup.source / "f02")].location
+    assert location is not None
+    data = bytearray(setup.read(victim))
+    header = record.volumes[0].header_length
+    flipped = age.ciphertext_offset(header, location.frame) + 100  # in f02's first frame
+    data[flipped] ^= 0x01
+    setup.write(victim, bytes(data))
+    out = tmp_path / "out"
+    outcome = run_restore(setup.archive(), [str(setup.source)], out)  # one stream: all of it
+    assert outcome.errors and all(e.startswith(victim) for e in outcome.errors), outcome.errors
+    restored = {p.name: p.read_bytes() for p in restored_root(out, setup.source).iterdir()}
+    chunk = (flipped - header) // age.ENCRYPTED_CHUNK_SIZE  # the age chunk it damaged
+    damaged = {
+        Path(path).name
+        for path, entry in entries.items()
+        if entry.location is not None
+        and entry.location.frame // age.CHUNK_SIZE
+        <= chunk
+        <= (entry.location.frame + entry.location.span - 1) // age.CHUNK_SIZE
+    }
+    assert "f02" in damaged and len(damaged) < 3
+    assert set(restored) == {Path(path).name for path in written} - damaged
+    assert all(restored[name] == written[str(setup.source / name)] for name in restored)
+
+
 def restored_tree(setup: Setup, root: Path, at: str | None = None) -> dict[str, bytes]:
     outcome = run_restore(setup.archive(), [str(setup.source)], root, at=at)
     assert outcome.errors == []
