@@ -1,5 +1,6 @@
 """The root of `muster`: global options, logging, and errors people can act on."""
 
+import gc
 import importlib
 import logging
 import sys
@@ -60,6 +61,17 @@ def cli(log_level: str) -> None:
 
 
 def main() -> None:
+    try:
+        _run()
+    finally:
+        # The interpreter's exit collects garbage over every object still alive (tens of
+        # thousands, pydantic's schemas among them): 30-60 ms of a 0.6 s incremental
+        # backup. Frozen objects are skipped; the rest of the exit (buffers flushed,
+        # modules released, atexit) is unchanged.
+        gc.freeze()
+
+
+def _run() -> None:
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
