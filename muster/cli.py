@@ -4,6 +4,7 @@ import gc
 import importlib
 import logging
 import sys
+from types import ModuleType
 
 import click
 
@@ -42,7 +43,21 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attribute)
+        return getattr(import_frozen(module), attribute)
+
+
+def import_frozen(module: str) -> ModuleType:
+    """Import `module` with no garbage collection meanwhile, then freeze what was made:
+    imports make tens of thousands of long-lived objects and no garbage, and collections
+    among them cost 15-40 ms of `muster backup`'s start-up (later ones skip them)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return importlib.import_module(module)
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
