@@ -204,14 +204,13 @@ class _Previous:
 
 
 class _Held:
-    """A run of consecutive unchanged entries, gathered as bytes (their lines, their index
-    records) and written in two calls, or held back behind a stored entry whose frame is
-    not written yet: one object per entry here cost about as much as the rest of a
-    1%-change backup's merge."""
+    """A run of consecutive unchanged entries (their lines, their index records), written
+    in two calls, or held back behind a stored entry whose frame is not written yet: one
+    object per entry here cost about as much as the rest of a 1%-change backup's merge."""
 
     __slots__ = ("count", "lines", "records")
 
-    def __init__(self, lines: bytearray, records: bytearray, count: int) -> None:
+    def __init__(self, lines: list[bytes], records: list[bytes], count: int) -> None:
         self.lines = lines
         self.records = records
         self.count = count
@@ -247,8 +246,8 @@ class _Catalog:
 
     def reuse_held(self, held: _Held) -> None:
         """A run of unchanged entries: their previous lines and index records, as they were."""
-        self._index.write(held.records)
-        self._lines.write(held.lines)
+        self._index.extend(held.records)
+        self._lines.extend(held.lines)
 
     def close(self) -> ObjectInfo:
         self._lines.close()
@@ -474,7 +473,9 @@ class _Run:
         of bytes right here: a call or two per entry (to write it, or to hold it behind a
         stored one) cost about 10% of a no-change backup's walk."""
         find, referenced, volumes = previous.find, self.referenced, self.volumes
-        lines, records, count = bytearray(), bytearray(), 0
+        lines: list[bytes] = []
+        records: list[bytes] = []
+        count = 0
         limit = min(RUN, BACKLOG)
         files = size = directories = 0  # unchanged ones, kept in locals for speed
         for found in walk:  # names bound once: this loop runs for every entry
@@ -482,8 +483,8 @@ class _Run:
             before = find(found.key)
             stamp = stat_fingerprint(info)
             if before is not None and before.fingerprint == stamp:
-                lines += before.line  # its line and record, as they were: nothing decoded
-                records += before.record
+                lines.append(before.line)  # its line and record, as they were: not decoded
+                records.append(before.record)
                 referenced.add(before.volume)
                 mode = info.st_mode
                 if S_ISREG(mode):
@@ -494,11 +495,11 @@ class _Run:
                 count += 1
                 if count == limit:
                     self._end_run(_Held(lines, records, count), [files, size, directories], catalog)
-                    lines, records, count = bytearray(), bytearray(), 0
+                    lines, records, count = [], [], 0
                 continue
             if count:
                 self._end_run(_Held(lines, records, count), [files, size, directories], catalog)
-                lines, records, count = bytearray(), bytearray(), 0
+                lines, records, count = [], [], 0
             change = "new" if before is None else "changed"
             slot = _Line(found.key, stamp, mode=info.st_mode, size=info.st_size, change=change)
             self._ordered.append(slot)
