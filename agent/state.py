@@ -13,11 +13,9 @@ Files are private (0600).
 import fcntl
 import hashlib
 import os
-import queue
 import stat
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -184,44 +182,7 @@ def background_compressor(level: int) -> zstandard.ZstdCompressor:
 INDEX_LEVEL = -3
 
 
-CHUNK = 1 << 20  # bytes handed to the compressor at a time
-
-
-class WriterThread:
-    """Runs calls, in order, on a thread of its own, so that the walk never waits for the
-    catalog's compression, encryption and writes (zstd, the AEAD, hashing and file writes
-    all release the GIL). A 1%-change backup hands its unchanged lines over in bursts, as
-    changed files' workers answer: written in the walk's thread, they held it up about
-    60 ms on the bench dataset. At most `queued` calls wait; the first error is raised
-    by the next `submit` or by `finish`."""
-
-    def __init__(self, name: str, queued: int = 4) -> None:
-        self._queue: queue.Queue[tuple[Callable[..., object], tuple[Any, ...]] | None]
-        self._queue = queue.Queue(queued)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, call: Callable[..., object], *args: Any) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((call, args))
-
-    def finish(self) -> None:
-        """Every call submitted done; raises the first error."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if self._error is None:  # after an error, calls are only drained
-                call, args = job
-                try:
-                    call(*args)
-                except BaseException as error:  # raised in the caller's thread
-                    self._error = error
+CHUNK = 1 << 18  # bytes handed to the compressor at a time
 
 
 class ChunkedCompressor:
@@ -229,17 +190,12 @@ class ChunkedCompressor:
     catalog line or index record would cost more than the compression itself. Pieces
     are kept as they come and joined once per chunk: a bytearray grown piece by piece is
     reallocated (and copied) every 1/8 of its size, several copies of every byte, which
-    profiled as the main process's largest cost after the walk's system calls. With a
-    `thread`, the chunks are compressed on it; `close` then submits the last one, and
-    the caller finishes the thread before it closes the stream with `end`."""
+    profiled as the main process's largest cost after the walk's system calls."""
 
-    def __init__(
-        self, level: int, sink: Any, start: bytes = b"", thread: WriterThread | None = None
-    ) -> None:
+    def __init__(self, level: int, sink: Any, start: bytes = b"") -> None:
         self._zstd = background_compressor(level).stream_writer(sink, closefd=False)
         self._pieces = [start]
         self._size = len(start)
-        self._thread = thread
 
     def write(self, data: bytes) -> None:
         self._pieces.append(data)
@@ -255,22 +211,11 @@ class ChunkedCompressor:
             self._flush()
 
     def _flush(self) -> None:
-        self._send(b"".join(self._pieces))
+        self._zstd.write(b"".join(self._pieces))
         self._pieces, self._size = [], 0
-
-    def _send(self, chunk: bytes) -> None:
-        if self._thread is None:
-            self._zstd.write(chunk)
-        else:
-            self._thread.submit(self._zstd.write, chunk)
 
     def close(self) -> None:
         self._flush()
-        if self._thread is None:
-            self.end()
-
-    def end(self) -> None:
-        """The zstd frame ended (all written, once the thread, if any, is finished)."""
         self._zstd.close()
 
 
@@ -278,15 +223,15 @@ class IndexWriter(ChunkedCompressor):
     """Writes index records, zstd-compressed at `INDEX_LEVEL`; `write` takes records as
     `Indexed.record` holds them (or several, back to back)."""
 
-    def __init__(self, sink: BinaryIO, thread: WriterThread | None = None) -> None:
-        super().__init__(INDEX_LEVEL, sink, _MAGIC, thread)
+    def __init__(self, sink: BinaryIO) -> None:
+        super().__init__(INDEX_LEVEL, sink, _MAGIC)
         self._sink = sink
 
     def add(self, key: bytes, fingerprint: bytes, line: bytes, volume: str) -> None:
         self.write(_record(key, fingerprint, line, volume))
 
-    def end(self) -> None:
-        super().end()
+    def close(self) -> None:
+        super().close()
         self._sink.flush()
         os.fsync(self._sink.fileno())
 

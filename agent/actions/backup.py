@@ -27,7 +27,6 @@ from agent.state import (
     ChunkedCompressor,
     Indexed,
     IndexWriter,
-    WriterThread,
     fingerprint,
     indexed,
     read_index,
@@ -232,13 +231,10 @@ class _Catalog:
         self._sink = HashingSink(self._stack.enter_context(open_writer(self._name)))
         self._encryptor = age.Encryptor(self._sink, recipients)
         self._local = self._stack.enter_context(cache.open_temp(snapshot_id))
-        self._thread = WriterThread("muster-catalog")
         # Level 1: the catalog is rewritten whole on every run, and on catalog text level 1
         # costs about half the CPU of level 3 and comes out smaller (1 MiB jobs).
-        tee = _Tee(self._encryptor, self._local)
-        self._lines = ChunkedCompressor(1, tee, thread=self._thread)
-        index = self._stack.enter_context(cache.open_index_temp(snapshot_id))
-        self._index = IndexWriter(index, self._thread)
+        self._lines = ChunkedCompressor(1, _Tee(self._encryptor, self._local))
+        self._index = IndexWriter(self._stack.enter_context(cache.open_index_temp(snapshot_id)))
 
     def write(self, line: bytes, key: bytes, stamp: bytes, volume: str) -> None:
         self._index.add(key, stamp, line, volume)
@@ -251,21 +247,16 @@ class _Catalog:
 
     def close(self) -> ObjectInfo:
         self._lines.close()
-        self._index.close()
-        self._thread.finish()
-        self._lines.end()
         self._encryptor.close()
         self._local.flush()
         os.fsync(self._local.fileno())
-        self._index.end()
+        self._index.close()
         self._stack.close()
         return ObjectInfo(
             name=self._name, size=self._sink.size, sha256=self._sink.sha256.hexdigest()
         )
 
     def abort(self, error: BaseException) -> None:
-        with contextlib.suppress(BaseException):
-            self._thread.finish()  # nothing is written while the files are dropped
         self._stack.__exit__(type(error), error, error.__traceback__)
 
 

@@ -3,12 +3,9 @@
 import io
 import os
 import stat
-import threading
 from pathlib import Path
 
-import pytest
-
-from agent.state import CHUNK, IndexWriter, WriterThread, fingerprint, read_index, stat_fingerprint
+from agent.state import CHUNK, IndexWriter, fingerprint, read_index, stat_fingerprint
 
 
 def written(path: Path, records: list[tuple[bytes, bytes, bytes, str]]) -> bytes:
@@ -91,47 +88,20 @@ def test_copied_records_make_the_same_index(tmp_path):
     assert [(r.key, r.fingerprint, r.line, r.volume) for r in again] == records
 
 
-def test_an_index_written_on_a_thread_is_the_same_and_written_there(tmp_path):
-    """Several chunks' worth of records, handed to the writer thread: same records, same
-    order, and the file writes happen on that thread, not the caller's."""
-    records = [
-        (b"\0k%06d" % i, b"f" * 36, b"l" * 200 + b"\n", "v") for i in range(3 * CHUNK // 250)
-    ]
-    writers: set[str] = set()
-
-    class Sink(io.FileIO):
-        def write(self, data):  # type: ignore[override]
-            writers.add(threading.current_thread().name)
-            return super().write(data)
-
-    thread = WriterThread("index-writer")
-    with Sink(tmp_path / "index", "wb") as sink:
-        writer = IndexWriter(sink, thread)
-        for record in records:
+def test_an_index_of_many_chunks_written_from_pieces_and_runs_is_the_same(tmp_path):
+    """Records given one by one and as runs (lists of records), across several chunks:
+    the same records, in the same order."""
+    records = [(b"\0k%06d" % i, b"f" * 36, b"l%d\n" % i * 20, "v") for i in range(8 * CHUNK // 150)]
+    with (tmp_path / "index").open("wb") as sink:
+        writer = IndexWriter(sink)
+        for record in records[:1000]:
             writer.add(*record)
+        copied = read_index(io.BytesIO(written(tmp_path / "part", records[1000:])))
+        assert copied is not None
+        run = [r.record for r in copied]
+        writer.extend(run[:7])
+        writer.extend(run[7:])
         writer.close()
-        thread.finish()
-        before_end = set(writers)
-        writer.end()
     back = read_index(io.BytesIO((tmp_path / "index").read_bytes()))
     assert back is not None
     assert [(r.key, r.fingerprint, r.line, r.volume) for r in back] == records
-    assert before_end == {"index-writer"}
-
-
-def test_a_writer_thread_error_reaches_the_caller_and_later_calls_are_dropped():
-    done: list[int] = []
-
-    def fail() -> None:
-        raise OSError(28, "No space left on device")
-
-    thread = WriterThread("failing")
-    thread.submit(done.append, 1)
-    thread.submit(fail)
-    thread.submit(done.append, 2)  # queued before the error was seen: drained, never run
-    with pytest.raises(OSError, match="No space"):
-        thread.finish()
-    assert done == [1]
-    with pytest.raises(OSError, match="No space"):
-        thread.submit(done.append, 3)
-    assert done == [1]
