@@ -461,8 +461,9 @@ class _Run:
 
     def _walk(self, walk: Walk, previous: _Previous, catalog: _Catalog) -> None:
         """Merge the walk with the previous catalog. Unchanged entries are gathered in runs
-        of bytes right here: a call or two per entry (to write it, or to hold it behind a
-        stored one) cost about 10% of a no-change backup's walk."""
+        (their lines and records, as they are) right here: a call or two per entry (to
+        write it, or to hold it behind a stored one) cost about 10% of a no-change
+        backup's walk."""
         find, referenced, volumes = previous.find, self.referenced, self.volumes
         lines: list[bytes] = []
         records: list[bytes] = []
