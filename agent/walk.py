@@ -10,6 +10,7 @@ from its parent's, so nobody encodes a path twice.
 """
 
 import fnmatch
+import operator
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,9 @@ class Found(NamedTuple):  # a tuple: built once per entry, the cheapest record t
     path: str
     stat: os.stat_result
     key: bytes  # `catalog.sort_key(path)`
+
+
+_KEY = operator.itemgetter(2)  # Found.key
 
 
 class Walk:
@@ -82,8 +86,9 @@ class Walk:
         return False
 
     def _children(self, directory: Found) -> list[Found]:
-        """Sorted by name bytes: within one directory, the same order as the keys."""
-        children: list[tuple[bytes, Found]] = []
+        """Sorted by key: within one directory, by name bytes."""
+        children: list[Found] = []
+        append, excludes = children.append, self._excludes
         prefix = directory.path.rstrip("/") + "/"
         key_prefix = directory.key.rstrip(b"\0") + b"\0"
         new = tuple.__new__  # Found(...) would run a Python-level __new__ per entry
@@ -97,7 +102,7 @@ class Walk:
                 for item in listing:
                     name = item.name
                     path = prefix + name
-                    if self._excludes and self._excluded(path, name):
+                    if excludes and self._excluded(path, name):
                         continue
                     try:
                         info = item.stat(follow_symlinks=False)
@@ -107,13 +112,13 @@ class Walk:
                         self.warnings.append(f"{path}: {error.strerror}")
                         continue
                     raw = name.encode("utf-8", "surrogateescape")  # os.fsencode, inlined
-                    children.append((raw, new(Found, (path, info, key_prefix + raw))))
+                    append(new(Found, (path, info, key_prefix + raw)))
         except OSError as error:
             self.warnings.append(f"{directory.path}: cannot list: {error.strerror}")
         finally:
             os.close(fd)
-        children.sort()  # by name bytes: names are unique, so entries never compare
-        return [found for _, found in children]
+        children.sort(key=_KEY)  # keys are unique: no two entries compare equal
+        return children
 
     def _excluded(self, path: str, name: str) -> bool:
         """Patterns with a '/' match the whole path, others the name, as in restic."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import inspect
 import io
@@ -213,6 +214,27 @@ def _samples(messages: list[str]) -> list[str]:
     return [m if len(m) <= 400 else m[:400] + f"... ({len(m)} chars)" for m in messages[:5]]
 
 
+# What each step imports, loaded first without garbage collections and then frozen, as
+# `muster` loads a command (muster.cli.import_frozen, not imported here: it needs click).
+STEP_MODULES = {
+    "backup": ("agent.actions.backup", "agent.storage"),
+    "restore": ("agent.actions.restore", "agent.archive", "agent.storage"),
+    "verify": ("agent.actions.verify", "agent.archive", "agent.storage"),
+}
+
+
+def _load(step: str) -> None:
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for module in STEP_MODULES[step]:
+            importlib.import_module(module)
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.muster_step", description=__doc__)
     parser.add_argument("step", choices=("backup", "restore", "verify"))
@@ -228,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="ignore the local catalog cache")
     parser.add_argument("--result", help="write the JSON result here (default: stdout)")
     args = parser.parse_args(argv)
+    _load(args.step)
     step = {"backup": backup, "restore": restore, "verify": verify}[args.step]
     result = step(args)
     text = json.dumps(result, indent=2, default=str)
@@ -237,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
+    gc.freeze()  # the exit then skips its collection over every object, as `muster` does
     return 1 if result.get("errors") else 0
 
 

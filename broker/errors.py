@@ -1,6 +1,9 @@
 """The few exception types that cross the contract boundary."""
 
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydantic is not loaded for this: `muster` imports this module first
+    from pydantic import ValidationError
 
 
 class ContractError(Exception):
@@ -15,7 +18,7 @@ class InvalidMessage(ContractError):
     """
 
     @classmethod
-    def from_validation(cls, what: str, error: ValidationError) -> "InvalidMessage":
+    def from_validation(cls, what: str, error: "ValidationError") -> "InvalidMessage":
         problems = "; ".join(
             f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
             for item in error.errors(include_url=False)

@@ -1,8 +1,10 @@
 """The root of `muster`: global options, logging, and errors people can act on."""
 
+import gc
 import importlib
 import logging
 import sys
+from types import ModuleType
 
 import click
 
@@ -41,7 +43,21 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attribute)
+        return getattr(import_frozen(module), attribute)
+
+
+def import_frozen(module: str) -> ModuleType:
+    """Import `module` with no garbage collection meanwhile, then freeze what was made:
+    imports make tens of thousands of long-lived objects and no garbage, and collections
+    among them cost 15-40 ms of `muster backup`'s start-up (later ones skip them)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return importlib.import_module(module)
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,6 +76,17 @@ def cli(log_level: str) -> None:
 
 
 def main() -> None:
+    try:
+        _run()
+    finally:
+        # The interpreter's exit collects garbage over every object still alive (tens of
+        # thousands, pydantic's schemas among them): 30-60 ms of a 0.6 s incremental
+        # backup. Frozen objects are skipped; the rest of the exit (buffers flushed,
+        # modules released, atexit) is unchanged.
+        gc.freeze()
+
+
+def _run() -> None:
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:

@@ -164,14 +164,17 @@ def test_lines_held_behind_an_unwritten_frame_are_bounded(tmp_path, monkeypatch,
     assert tree_state(restored_root(out, node.source)) == tree_state(node.source)
 
 
-@pytest.mark.parametrize("backlog", [8, 4096])
+@pytest.mark.parametrize(("backlog", "run"), [(8, 256), (4096, 256), (4096, 1), (8, 3)])
 def test_lines_held_behind_a_changed_file_keep_their_order_and_bytes(
-    tmp_path, monkeypatch, backlog
+    tmp_path, monkeypatch, backlog, run
 ):
     """Unchanged entries after a changed one wait, as runs of bytes, for its frame: the
     catalog must hold each of their lines once, verbatim, in order, and the index written
-    with them must find them all unchanged on the next run."""
+    with them must find them all unchanged on the next run (runs of one entry, or ending
+    anywhere around the changed one, included)."""
     from agent.actions import backup
+
+    monkeypatch.setattr(backup, "RUN", run)
 
     node = local_node(tmp_path)
     many = node.source / "many"

@@ -79,3 +79,35 @@ def test_a_local_backup_run_loads_nothing_of_the_other_commands(tmp_path: Path) 
     loaded = loaded_after(f"from bench.muster_step import main\nassert main({argv!r}) == 0")
     assert "agent.actions.backup" in loaded and "agent.storage.local" in loaded
     assert unwanted(loaded, (*NOT_FOR_BACKUP, "click", "rich", "kombu")) == []
+
+
+def test_muster_exits_with_its_objects_frozen_so_the_exit_collects_no_garbage() -> None:
+    """The last collection at interpreter exit walks every object still alive; `muster`
+    freezes them first, whichever way its command ends (here: --version's SystemExit)."""
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+        "sys.argv = ['muster', '--version']\n"
+        "from muster.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split("frozen")[-1]) > 1000
+
+
+def test_a_command_is_loaded_frozen_and_pydantic_only_with_it() -> None:
+    """`muster` loads a command's modules with collections off and freezes them; the CLI's
+    own module does not import pydantic, so the heavy part is all inside that window."""
+    code = (
+        "import gc, sys\n"
+        "import muster.cli\n"
+        "print('before', 'pydantic' in sys.modules, gc.get_freeze_count())\n"
+        "muster.cli.cli.get_command(None, 'backup')\n"
+        "print('after', 'pydantic' in sys.modules, gc.get_freeze_count(), gc.isenabled())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    before, after = (line.split() for line in done.stdout.splitlines())
+    assert before == ["before", "False", "0"]
+    assert after[1] == "True" and int(after[2]) > 10000 and after[3] == "True"

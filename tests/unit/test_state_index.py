@@ -5,7 +5,7 @@ import os
 import stat
 from pathlib import Path
 
-from agent.state import IndexWriter, fingerprint, read_index, stat_fingerprint
+from agent.state import CHUNK, IndexWriter, fingerprint, read_index, stat_fingerprint
 
 
 def written(path: Path, records: list[tuple[bytes, bytes, bytes, str]]) -> bytes:
@@ -86,3 +86,22 @@ def test_copied_records_make_the_same_index(tmp_path):
     again = read_index(io.BytesIO((tmp_path / "copy").read_bytes()))
     assert again is not None
     assert [(r.key, r.fingerprint, r.line, r.volume) for r in again] == records
+
+
+def test_an_index_of_many_chunks_written_from_pieces_and_runs_is_the_same(tmp_path):
+    """Records given one by one and as runs (lists of records), across several chunks:
+    the same records, in the same order."""
+    records = [(b"\0k%06d" % i, b"f" * 36, b"l%d\n" % i * 20, "v") for i in range(8 * CHUNK // 150)]
+    with (tmp_path / "index").open("wb") as sink:
+        writer = IndexWriter(sink)
+        for record in records[:1000]:
+            writer.add(*record)
+        copied = read_index(io.BytesIO(written(tmp_path / "part", records[1000:])))
+        assert copied is not None
+        run = [r.record for r in copied]
+        writer.extend(run[:7])
+        writer.extend(run[7:])
+        writer.close()
+    back = read_index(io.BytesIO((tmp_path / "index").read_bytes()))
+    assert back is not None
+    assert [(r.key, r.fingerprint, r.line, r.volume) for r in back] == records
