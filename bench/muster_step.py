@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muster.loading import import_frozen
+
 NODE = "bench-node"
 JOB = "bench"
 
@@ -224,15 +226,9 @@ STEP_MODULES = {
 
 
 def _load(step: str) -> None:
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        for module in STEP_MODULES[step]:
-            importlib.import_module(module)
-    finally:
-        gc.freeze()
-        if collecting:
-            gc.enable()
+    """The step's modules, loaded as `muster` loads a command's."""
+    for module in STEP_MODULES[step]:
+        import_frozen(module)
 
 
 def main(argv: list[str] | None = None) -> int:

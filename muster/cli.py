@@ -1,15 +1,14 @@
 """The root of `muster`: global options, logging, and errors people can act on."""
 
 import gc
-import importlib
 import logging
 import sys
-from types import ModuleType
 
 import click
 
 from broker.errors import ContractError
 from muster import LOG_FORMAT, __version__
+from muster.loading import import_frozen
 
 # Each command is imported only when it runs: `muster restore` need not load MongoDB,
 # the rule engine and the daemon first. `muster --help` imports them all.
@@ -44,20 +43,6 @@ class LazyGroup(click.Group):
             return None
         module, attribute = COMMANDS[name].split(":")
         return getattr(import_frozen(module), attribute)
-
-
-def import_frozen(module: str) -> ModuleType:
-    """Import `module` with no garbage collection meanwhile, then freeze what was made:
-    imports make tens of thousands of long-lived objects and no garbage, and collections
-    among them cost 15-40 ms of `muster backup`'s start-up (later ones skip them)."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        return importlib.import_module(module)
-    finally:
-        gc.freeze()
-        if collecting:
-            gc.enable()
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
