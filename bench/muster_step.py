@@ -216,8 +216,7 @@ def _samples(messages: list[str]) -> list[str]:
     return [m if len(m) <= 400 else m[:400] + f"... ({len(m)} chars)" for m in messages[:5]]
 
 
-# What each step imports, loaded first without garbage collections and then frozen, as
-# `muster` loads a command (muster.cli.import_frozen, not imported here: it needs click).
+# What each step imports, loaded first without garbage collections and then frozen.
 STEP_MODULES = {
     "backup": ("agent.actions.backup", "agent.storage"),
     "restore": ("agent.actions.restore", "agent.archive", "agent.storage"),
