@@ -244,7 +244,8 @@ def test_swift_stopped_during_an_upload_leaves_no_partial_snapshot_and_the_next_
     fleet: FleetRun, services: ServiceSet, swift_credentials: SwiftCredentials
 ) -> None:
     """Swift stays down longer than the agent's retries last (5, backing off from 1 s to
-    16 s: about a minute), so the cut run must fail rather than resume."""
+    16 s: about half a minute per request; the failed segment PUT, then the listing that
+    looks for segments to drop), so the cut run must fail rather than resume."""
     big = fleet.root / "big"
     big.mkdir()
     for index in range(8):  # 8 MiB at 2 MiB/s: an upload of 4 s to cut
@@ -260,7 +261,7 @@ def test_swift_stopped_during_an_upload_leaves_no_partial_snapshot_and_the_next_
     try:
         services.stop("swift")
         assert not results_on_wire(fleet, node, run_id=running.run_id), "not cut: too fast"
-        (cut,) = fleet.listener.wait(RunResult, 90, node=node, run_id=running.run_id)
+        (cut,) = fleet.listener.wait(RunResult, 180, node=node, run_id=running.run_id)
     finally:
         services.start("swift")
     assert cut.status == "failure" and cut.snapshot is None, cut

@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -384,6 +384,29 @@ def test_unreachable_server_raises_unavailable(
         services.start("swift")
     storage.put("x", io.BytesIO(b"after restart"))
     assert storage.exists("x")
+
+
+def test_an_upload_outlasts_a_short_swift_outage(
+    services: ServiceSet, swift_credentials: SwiftCredentials, tmp_path: Path
+) -> None:
+    """Swift PUTs are retried with backoff: a part goes out through a seekable reader,
+    which the client seeks back to send again (swiftclient does not retry a PUT of bytes,
+    which it cannot rewind). An object written while the server restarts is stored whole."""
+    backend = swift_backend(swift_credentials, tmp_path)
+    tuning = replace(TUNING, part_size=MIB, retries=5)
+    storage = open_storage(backend.target(backend.container, "p"), tuning)
+    data = payload(3 * MIB)
+    storage.put("before", io.BytesIO(b"x"))  # logged in, container made
+    services.stop("swift")
+    restart = threading.Timer(1.0, services.start, ("swift",))
+    restart.start()
+    try:
+        assert storage.put("x", io.BytesIO(data)) == len(data)  # 3 segments of 1 MiB
+    finally:
+        restart.join()
+    with storage.get("x") as reader:
+        assert reader.read() == data
+    assert backend.leftovers(storage) == []
 
 
 class ForwardProxy(http.server.ThreadingHTTPServer):
