@@ -78,8 +78,8 @@ class Tuning:
     timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        part_size = 1 if self.part_size is None else self.part_size
-        if part_size < 1 or self.page_size < 1 or self.retries < 0 or self.timeout <= 0:
+        parts_ok = self.part_size is None or self.part_size >= 1
+        if not parts_ok or self.page_size < 1 or self.retries < 0 or self.timeout <= 0:
             raise ConfigError(f"invalid storage tuning {self}: sizes and timeout must be > 0")
 
 

@@ -396,7 +396,8 @@ def test_an_upload_outlasts_a_short_swift_outage(
     tuning = replace(TUNING, part_size=MIB, retries=5)
     storage = open_storage(backend.target(backend.container, "p"), tuning)
     data = payload(3 * MIB)
-    storage.put("before", io.BytesIO(b"x"))  # logged in, container made
+    # logged in, both containers made: the first request of the outage is a segment PUT
+    storage.put("before", io.BytesIO(payload(2 * MIB)))
     services.stop("swift")
     restart = threading.Timer(1.0, services.start, ("swift",))
     restart.start()

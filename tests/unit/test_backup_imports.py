@@ -38,11 +38,16 @@ NOT_FOR_BACKUP = (
 )
 
 
+def python_output(code: str) -> str:
+    """What a fresh interpreter prints running `code` (which must succeed)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def loaded_after(code: str) -> set[str]:
     """The modules a fresh interpreter holds after running `code`."""
-    code += "\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return set(done.stdout.split())
+    return set(python_output(code + "\nimport sys\nprint('\\n'.join(sorted(sys.modules)))").split())
 
 
 def unwanted(loaded: set[str], names: tuple[str, ...]) -> list[str]:
@@ -91,9 +96,7 @@ def test_muster_exits_with_its_objects_frozen_so_the_exit_collects_no_garbage() 
         "from muster.cli import main\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout.split("frozen")[-1]) > 1000
+    assert int(python_output(code).split("frozen")[-1]) > 1000
 
 
 def test_a_command_is_loaded_frozen_and_pydantic_only_with_it() -> None:
@@ -106,8 +109,6 @@ def test_a_command_is_loaded_frozen_and_pydantic_only_with_it() -> None:
         "muster.cli.cli.get_command(None, 'backup')\n"
         "print('after', 'pydantic' in sys.modules, gc.get_freeze_count(), gc.isenabled())\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    before, after = (line.split() for line in done.stdout.splitlines())
+    before, after = (line.split() for line in python_output(code).splitlines())
     assert before == ["before", "False", "0"]
     assert after[1] == "True" and int(after[2]) > 10000 and after[3] == "True"
